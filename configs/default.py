@@ -1,0 +1,81 @@
+"""The paper's recipe: ResNet-50, 224 px, batch 4096, LARS, temperature 0.1 (SimCLR §B.1, tf2 code).
+
+    python run_pretrain.py --config configs/default.py --workdir /tmp/simclr \
+        --config.data.root=/path/to/imagefolder
+"""
+
+import ml_collections
+
+
+def view_augment(blur_prob: float = 0.5, solarize_prob: float = 0.0) -> ml_collections.ConfigDict:
+  """Per-view augmentation settings (SimCLR Appendix A); BYOL-style asymmetry by differing views."""
+  return ml_collections.ConfigDict(
+      dict(
+          flip_prob=0.5,
+          color_jitter_prob=0.8,
+          color_jitter_strength=1.0,
+          grayscale_prob=0.2,
+          blur_prob=blur_prob,
+          blur_sigma=(0.1, 2.0),
+          solarize_prob=solarize_prob,
+          solarize_threshold=0.5,
+      )
+  )
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = 4096  # global, both views of one image count once
+  config.num_epochs = 100
+  config.temperature = 0.1
+  config.checkpoint_every_epochs = 10
+  config.keep_checkpoints = 3
+  config.log_every_steps = 50
+  config.plot_every_steps = 200
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "folder"  # "folder": root/{train,test}/<class>/<image>; "tfds": by name
+  config.data.root = ""
+  config.data.tfds_name = ""
+  config.data.tfds_data_dir = ""
+  config.data.train_split = "train"
+  config.data.eval_split = "test"
+  config.data.image_size = 224
+  config.data.cache = False  # decode once into memory
+  config.data.cache_shorter_side = 256  # px; images are resized so their shorter side is this
+  config.data.shuffle_buffer = 10_000
+  config.data.eval_crop_fraction = 0.875
+  config.data.prefetch = 2
+
+  config.augment = ml_collections.ConfigDict()
+  config.augment.enabled = True
+  config.augment.crop_area = (0.08, 1.0)
+  config.augment.crop_aspect_ratio = (3 / 4, 4 / 3)
+  config.augment.normalize = False  # ImageNet mean/std after the colour ops
+  config.augment.view1 = view_augment()
+  config.augment.view2 = view_augment()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.depth = 50  # 18, 34, 50, 101, 152
+  config.model.width_multiplier = 1
+  config.model.cifar_stem = ml_collections.FieldReference(None, field_type=bool)  # None: auto
+  config.model.dtype = "float32"  # compute dtype; parameters stay float32
+  config.model.bn_momentum = 0.9
+  config.model.bn_epsilon = 1e-5
+  config.model.head = ml_collections.ConfigDict()
+  config.model.head.preset = "simclr"  # "simclr": Dense+BN layers, last 128-d, no bias/ReLU
+  config.model.head.num_layers = 2
+  config.model.head.hidden_dim = 0  # 0: the encoder's feature width
+  config.model.head.output_dim = 128
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = "lars"  # "lars", "sgd", "adam", "adamw"
+  config.optim.base_lr = 0.3
+  config.optim.lr_scaling = "linear"  # "linear": base*B/256; "sqrt": base*sqrt(B); "none"
+  config.optim.weight_decay = 1e-6
+  config.optim.momentum = 0.9
+  config.optim.trust_coefficient = 1e-3
+  config.optim.warmup_epochs = 10
+  config.optim.schedule = "warmup_cosine"  # or "constant"
+  return config

@@ -10,16 +10,16 @@ import ml_collections
 def view_augment(blur_prob: float = 0.5, solarize_prob: float = 0.0) -> ml_collections.ConfigDict:
   """Per-view augmentation settings (SimCLR Appendix A); BYOL-style asymmetry by differing views."""
   return ml_collections.ConfigDict(
-      dict(
-          flip_prob=0.5,
-          color_jitter_prob=0.8,
-          color_jitter_strength=1.0,
-          grayscale_prob=0.2,
-          blur_prob=blur_prob,
-          blur_sigma=(0.1, 2.0),
-          solarize_prob=solarize_prob,
-          solarize_threshold=0.5,
-      )
+    dict(
+      flip_prob=0.5,
+      color_jitter_prob=0.8,
+      color_jitter_strength=1.0,
+      grayscale_prob=0.2,
+      blur_prob=blur_prob,
+      blur_sigma=(0.1, 2.0),
+      solarize_prob=solarize_prob,
+      solarize_threshold=0.5,
+    )
   )
 
 

@@ -1,0 +1,38 @@
+"""The main job: SimCLR on imagenet-5-categories, sized to pretrain within 2 hours on a 2-core CPU.
+
+    python run_pretrain.py --config configs/imagenet5.py --workdir runs/imagenet5
+    python run_linear.py --workdir runs/imagenet5
+
+The data root defaults to ../shared/data/imagenet-5-categories beside the repository; pass
+`--config.data.root=PATH` for another copy.
+"""
+
+import os
+
+from configs import default
+
+DATA_ROOT = os.path.abspath(
+  os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagenet-5-categories")
+)
+
+
+def get_config():
+  config = default.get_config()
+  config.data.root = DATA_ROOT
+  config.data.image_size = 64
+  config.data.cache = True
+  config.data.cache_shorter_side = 80
+  config.batch_size = 125
+  config.num_epochs = 100
+  config.temperature = 0.2
+  config.checkpoint_every_epochs = 5
+  config.log_every_steps = 5
+  config.model.depth = 18
+  config.model.cifar_stem = False
+  config.optim.name = "lars"
+  config.optim.base_lr = 1.0
+  config.optim.weight_decay = 1e-6
+  config.optim.warmup_epochs = 5
+  for view in (config.augment.view1, config.augment.view2):
+    view.color_jitter_strength = 0.5
+  return config

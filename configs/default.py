@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.depth = 50  # 18, 34, 50, 101, 152
-  config.model.width_multiplier = 1
+  config.model.width_multiplier = 1.0  # float: tiny.py sets 0.125
   config.model.cifar_stem = ml_collections.FieldReference(None, field_type=bool)  # None: auto
   config.model.dtype = "float32"  # compute dtype; parameters stay float32
   config.model.bn_momentum = 0.9

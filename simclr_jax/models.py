@@ -1,0 +1,380 @@
+"""SimCLR network: a ResNet v1 encoder f and a projection head g (SimCLR §2.1, §B.1).
+
+The encoder maps an image to its representation h = f(x) (global-average-pooled ResNet output);
+the head maps h to the projection z = g(h) fed to the contrastive loss. Linear evaluation reads h
+(or any head layer, SimCLR §4.2, Fig. 8), so the model returns both.
+
+    model = build_model(config.model, image_size=32, axis_name="batch")
+    variables = model.init(key, images, train=False)  # {'params', 'batch_stats'}
+    z, aux = model.apply(variables, images, train=True, mutable=["batch_stats"])[0]
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+ModuleDef = Any
+Dtype = Any
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions plus shortcut (He et al. 2016, §3.3, Fig. 5 left).
+
+  The shortcut is the identity when shapes match, else a strided 1x1 convolution with BN
+  (projection shortcut, option B). The last BN's scale starts at zero, so at init the block is
+  relu(shortcut(x)) (Goyal et al. 2017, §5.1).
+
+  Attributes:
+    filters: output channels.
+    strides: spatial stride of the first convolution and of the shortcut (1 or 2).
+    conv: `nn.Conv` partial (no bias, compute dtype set).
+    norm: `nn.BatchNorm` partial (train/eval mode, momentum, axis name set).
+  """
+
+  expansion: ClassVar[int] = 1
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Maps [N, H, W, C_in] to [N, H/strides, W/strides, filters], compute dtype."""
+    y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.filters, (3, 3), 1, padding=1, name="conv2")(y)
+    y = self.norm(scale_init=nn.initializers.zeros, name="bn2")(y)
+    return nn.relu(_shortcut(x, y.shape[-1], self.strides, self.conv, self.norm) + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 reduce, 3x3, 1x1 expand (x4) convolutions plus shortcut (He et al. 2016, Fig. 5 right).
+
+  The stride sits on the 3x3 convolution, as in the SimCLR and torchvision ResNets. Shortcut and
+  zero-initialised last BN scale as in `BasicBlock`.
+
+  Attributes:
+    filters: channels of the 1x1 and 3x3 convolutions; the block outputs 4 * filters.
+    strides: spatial stride of the 3x3 convolution and of the shortcut (1 or 2).
+    conv: `nn.Conv` partial (no bias, compute dtype set).
+    norm: `nn.BatchNorm` partial (train/eval mode, momentum, axis name set).
+  """
+
+  expansion: ClassVar[int] = 4
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Maps [N, H, W, C_in] to [N, H/strides, W/strides, 4 * filters], compute dtype."""
+    y = self.conv(self.filters, (1, 1), 1, padding=0, name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv2")(y)
+    y = nn.relu(self.norm(name="bn2")(y))
+    y = self.conv(self.filters * self.expansion, (1, 1), 1, padding=0, name="conv3")(y)
+    y = self.norm(scale_init=nn.initializers.zeros, name="bn3")(y)
+    return nn.relu(_shortcut(x, y.shape[-1], self.strides, self.conv, self.norm) + y)
+
+
+def _shortcut(x, features, strides, conv, norm):
+  if x.shape[-1] == features and strides == 1:
+    return x
+  x = conv(features, (1, 1), strides, padding=0, name="shortcut_conv")(x)
+  return norm(name="shortcut_bn")(x)
+
+
+class ResNet(nn.Module):
+  """ResNet v1 encoder without the classifier (He et al. 2016; SimCLR §B.1, §B.9).
+
+  Stage i (1-based) has `stage_sizes[i-1]` blocks of `base * 2**(i-1)` filters, with
+  base = max(1, int(num_filters * width_multiplier)); stages 2-4 halve the resolution in their
+  first block. The ImageNet stem is a 7x7/2 convolution and a 3x3/2 max-pool (4x downsampling);
+  the CIFAR stem is one 3x3/1 convolution without max-pool (SimCLR §B.9). Each stage's output is
+  sown into the 'intermediates' collection as `stage{i}`.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
+    block_cls: `BasicBlock` or `BottleneckBlock`.
+    num_filters: first-stage filters before the width multiplier.
+    width_multiplier: scales every layer's width (SimCLR §B.4, ResNet-50 (2x), (4x)); > 0.
+    cifar_stem: use the CIFAR stem instead of the ImageNet stem.
+    dtype: compute dtype; parameters and BN statistics stay float32.
+    bn_momentum: running-average decay of BN statistics.
+    bn_epsilon: added to the BN variance.
+    axis_name: mapped axis over which BN batch statistics are averaged (cross-device BN,
+      SimCLR §2.3), or None for per-device statistics.
+  """
+
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  num_filters: int = 64
+  width_multiplier: float = 1.0
+  cifar_stem: bool = False
+  dtype: Dtype = jnp.float32
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  axis_name: str | None = None
+
+  @property
+  def base_filters(self) -> int:
+    """Filters of the stem and of the first stage."""
+    return max(1, int(self.num_filters * self.width_multiplier))
+
+  @property
+  def feature_dim(self) -> int:
+    """Width C of h: base_filters * 8 * block expansion (512 * wm basic, 2048 * wm bottleneck)."""
+    return self.base_filters * 2 ** (len(self.stage_sizes) - 1) * self.block_cls.expansion
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """Encodes images into representations h.
+
+    Args:
+      x: float [N, H, W, 3] images (any value range; the input pipeline sets it).
+      train: BN uses (and updates) batch statistics if True, running statistics if False.
+
+    Returns:
+      h: float32 [N, feature_dim], the global average pool of the last stage.
+    """
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      axis_name=self.axis_name,
+    )
+    x = jnp.asarray(x, self.dtype)
+    if self.cifar_stem:
+      x = conv(self.base_filters, (3, 3), 1, padding=1, name="stem_conv")(x)
+    else:
+      x = conv(self.base_filters, (7, 7), 2, padding=3, name="stem_conv")(x)
+    x = nn.relu(norm(name="stem_bn")(x))
+    if not self.cifar_stem:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        x = self.block_cls(
+          self.base_filters * 2**i,
+          conv=conv,
+          norm=norm,
+          strides=2 if i > 0 and j == 0 else 1,
+          name=f"stage{i + 1}_block{j + 1}",
+        )(x)
+      self.sow("intermediates", f"stage{i + 1}", x)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+RESNET_STAGES: dict[int, tuple[ModuleDef, tuple[int, ...]]] = {
+  18: (BasicBlock, (2, 2, 2, 2)),
+  34: (BasicBlock, (3, 4, 6, 3)),
+  50: (BottleneckBlock, (3, 4, 6, 3)),
+  101: (BottleneckBlock, (3, 4, 23, 3)),
+  152: (BottleneckBlock, (3, 8, 36, 3)),
+}
+"""Depth -> (block class, blocks per stage), He et al. 2016, Table 1."""
+
+ResNet18 = functools.partial(ResNet, block_cls=BasicBlock, stage_sizes=RESNET_STAGES[18][1])
+ResNet34 = functools.partial(ResNet, block_cls=BasicBlock, stage_sizes=RESNET_STAGES[34][1])
+ResNet50 = functools.partial(ResNet, block_cls=BottleneckBlock, stage_sizes=RESNET_STAGES[50][1])
+ResNet101 = functools.partial(ResNet, block_cls=BottleneckBlock, stage_sizes=RESNET_STAGES[101][1])
+ResNet152 = functools.partial(ResNet, block_cls=BottleneckBlock, stage_sizes=RESNET_STAGES[152][1])
+RESNETS = {18: ResNet18, 34: ResNet34, 50: ResNet50, 101: ResNet101, 152: ResNet152}
+
+
+class ProjectionHead(nn.Module):
+  """MLP projection head g (SimCLR §2.1, Fig. 8; tf2 code's nonlinear head).
+
+  Layer l < L: Dense -> [BN] -> ReLU. Layer L: Dense -> [BN], no ReLU, giving z.
+
+  Attributes:
+    num_layers: L >= 1 Dense layers.
+    hidden_dim: width of layers 1 .. L-1.
+    output_dim: width of layer L (the projection z).
+    batch_norm: BN after every Dense layer.
+    use_bias: bias on the Dense layers (redundant, and off in the SimCLR preset, when BN follows).
+    last_bn_center: learned BN shift on layer L (the tf2 code has none, SimCLR preset False);
+      hidden BNs always have one.
+    kernel_init: Dense kernel initialiser.
+    dtype: compute dtype; parameters stay float32.
+    bn_momentum, bn_epsilon, axis_name: as in `ResNet`.
+  """
+
+  num_layers: int = 2
+  hidden_dim: int = 2048
+  output_dim: int = 128
+  batch_norm: bool = True
+  use_bias: bool = False
+  last_bn_center: bool = False
+  kernel_init: Callable = nn.initializers.normal(0.01)
+  dtype: Dtype = jnp.float32
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, h: jnp.ndarray, *, train: bool) -> tuple[jnp.ndarray, ...]:
+    """Projects representations.
+
+    Args:
+      h: float [N, C] encoder features.
+      train: BN uses (and updates) batch statistics if True, running statistics if False.
+
+    Returns:
+      Tuple of L float32 arrays, layer 1 .. L: [N, hidden_dim] after ReLU for hidden layers,
+      then z: [N, output_dim].
+
+    Raises:
+      ValueError: if num_layers < 1.
+    """
+    if self.num_layers < 1:
+      raise ValueError(f"ProjectionHead.num_layers must be >= 1, got {self.num_layers}")
+    x = jnp.asarray(h, self.dtype)
+    outputs = []
+    for i in range(self.num_layers):
+      last = i == self.num_layers - 1
+      x = nn.Dense(
+        self.output_dim if last else self.hidden_dim,
+        use_bias=self.use_bias,
+        kernel_init=self.kernel_init,
+        dtype=self.dtype,
+        name=f"dense{i + 1}",
+      )(x)
+      if self.batch_norm:
+        x = nn.BatchNorm(
+          use_running_average=not train,
+          momentum=self.bn_momentum,
+          epsilon=self.bn_epsilon,
+          use_bias=self.last_bn_center or not last,
+          dtype=self.dtype,
+          axis_name=self.axis_name,
+          name=f"bn{i + 1}",
+        )(x)
+      if not last:
+        x = nn.relu(x)
+      outputs.append(x.astype(jnp.float32))
+    return tuple(outputs)
+
+
+HEAD_PRESETS: dict[str, dict[str, Any]] = {
+  # tf2 code: Dense kernels ~ N(0, 0.01^2), no Dense bias, BN everywhere, no shift on z.
+  "simclr": dict(
+    batch_norm=True,
+    use_bias=False,
+    last_bn_center=False,
+    kernel_init=nn.initializers.normal(0.01),
+  ),
+  # The project's seed: a plain MLP (512-100-100-100 on ResNet-18).
+  "seed": dict(batch_norm=False, use_bias=True, kernel_init=nn.initializers.lecun_normal()),
+}
+"""`model.head.preset` -> `ProjectionHead` fields other than the sizes."""
+
+
+class SimCLRModel(nn.Module):
+  """Encoder f followed by projection head g (SimCLR §2.1).
+
+  Parameters and BN statistics are split into 'encoder' and 'head' sub-trees.
+
+  Attributes:
+    encoder: module mapping (images, train=) to h float32 [N, C], e.g. `ResNet`.
+    head: module mapping (h, train=) to a tuple of layer outputs, e.g. `ProjectionHead`.
+  """
+
+  encoder: nn.Module
+  head: nn.Module
+
+  def __call__(self, images: jnp.ndarray, *, train: bool) -> tuple[jnp.ndarray, dict[str, Any]]:
+    """Computes z = g(f(x)) and what a probe may read.
+
+    Args:
+      images: float [N, H, W, 3].
+      train: BN in training mode (batch statistics; 'batch_stats' must be mutable) if True.
+
+    Returns:
+      projection: float32 [N, output_dim], z (== aux['head_layers'][-1]).
+      aux: {'features': h float32 [N, C], 'head_layers': tuple of each head layer's float32
+        output, layer 1 first}.
+    """
+    h = self.encoder(images, train=train).astype(jnp.float32)
+    layers = tuple(y.astype(jnp.float32) for y in self.head(h, train=train))
+    return layers[-1], {"features": h, "head_layers": layers}
+
+  def encode(self, images: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    """Encoder only: h float32 [N, C]. Use with `apply(..., method=SimCLRModel.encode)`."""
+    return self.encoder(images, train=train).astype(jnp.float32)
+
+
+def _check_choice(field: str, value: Any, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"{field}={value!r} is not one of {sorted(choices)}")
+
+
+def feature_dim(model_config: ml_collections.ConfigDict) -> int:
+  """Width C of the encoder features h for a `config.model` section.
+
+  Raises:
+    ValueError: unknown `model.depth`.
+  """
+  _check_choice("model.depth", model_config.depth, RESNETS)
+  block_cls, stage_sizes = RESNET_STAGES[model_config.depth]
+  return ResNet(stage_sizes, block_cls, width_multiplier=model_config.width_multiplier).feature_dim
+
+
+def build_model(
+  model_config: ml_collections.ConfigDict, *, image_size: int, axis_name: str | None = None
+) -> SimCLRModel:
+  """Builds the SimCLR model described by a `config.model` section (configs/default.py).
+
+  Args:
+    model_config: fields depth (18, 34, 50, 101, 152), width_multiplier (> 0), cifar_stem (bool,
+      or None: CIFAR stem iff image_size <= 32), dtype ('float32' or 'bfloat16'), bn_momentum,
+      bn_epsilon, head.preset ('simclr' or 'seed'), head.num_layers (>= 1), head.hidden_dim
+      (0: the feature width C), head.output_dim.
+    image_size: side in px of the training images.
+    axis_name: pmap/shard_map axis over which BN statistics are synchronised, or None.
+
+  Returns:
+    An unbound `SimCLRModel`.
+
+  Raises:
+    ValueError: naming the field, for an unknown depth, dtype or head preset, a non-positive
+      width multiplier or fewer than one head layer.
+  """
+  _check_choice("model.depth", model_config.depth, RESNETS)
+  _check_choice("model.dtype", model_config.dtype, DTYPES)
+  head_config = model_config.head
+  _check_choice("model.head.preset", head_config.preset, HEAD_PRESETS)
+  if not model_config.width_multiplier > 0:
+    raise ValueError(f"model.width_multiplier={model_config.width_multiplier!r} must be > 0")
+  if head_config.num_layers < 1:
+    raise ValueError(f"model.head.num_layers={head_config.num_layers!r} must be >= 1")
+  cifar_stem = model_config.cifar_stem
+  if cifar_stem is None:
+    cifar_stem = image_size <= 32
+  dtype = DTYPES[model_config.dtype]
+  bn = dict(
+    bn_momentum=model_config.bn_momentum,
+    bn_epsilon=model_config.bn_epsilon,
+    axis_name=axis_name,
+    dtype=dtype,
+  )
+  encoder = RESNETS[model_config.depth](
+    width_multiplier=model_config.width_multiplier, cifar_stem=bool(cifar_stem), **bn
+  )
+  head = ProjectionHead(
+    num_layers=head_config.num_layers,
+    hidden_dim=head_config.hidden_dim or encoder.feature_dim,
+    output_dim=head_config.output_dim,
+    **HEAD_PRESETS[head_config.preset],
+    **bn,
+  )
+  return SimCLRModel(encoder=encoder, head=head)

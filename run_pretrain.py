@@ -1,0 +1,47 @@
+"""SimCLR pretraining: `python run_pretrain.py --config configs/<name>.py --workdir DIR`.
+
+Override any config field on the command line, e.g. `--config.num_epochs=10`. Running again
+with the same workdir resumes from its latest checkpoint. On several hosts, pass
+`--multihost` on every host (see README).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, loss history and plots.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (one process per host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import tensorflow as tf
+
+  # tf.data only: keep TensorFlow off the accelerators so JAX has all their memory.
+  tf.config.set_visible_devices([], "GPU")
+  import jax
+
+  if FLAGS.multihost:
+    jax.distributed.initialize()
+  from simclr_jax import train
+
+  logging.info("JAX processes: %d, local devices: %s", jax.process_count(), jax.local_devices())
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  summary = train.pretrain(FLAGS.config, FLAGS.workdir)
+  logging.info("Done: %s", summary)
+  print(
+    f"Pretraining finished at step {summary['step']} (epoch {summary['epoch']}): "
+    f"loss {summary['loss']:.4f}, contrastive accuracy {summary['contrastive_accuracy']:.3f}. "
+    f"Outputs in {FLAGS.workdir}"
+  )
+
+
+if __name__ == "__main__":
+  app.run(main)

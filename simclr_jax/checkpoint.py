@@ -1,0 +1,138 @@
+"""Orbax checkpoints of a pretraining run: the training state plus what the probe needs.
+
+Layout: `<workdir>/checkpoints/<step>/{state,metadata}`. `state` holds unreplicated host arrays
+(params, batch_stats, opt_state, step), so a checkpoint written on 4 devices restores on 1.
+`metadata` (JSON) holds the config and class names, so `run_linear.py` rebuilds the model from
+the checkpoint alone. Orbax writes each step into a temporary directory and renames it when
+complete, so a crash mid-save never leaves a partial checkpoint as the latest step.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def create_manager(workdir: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
+  """A CheckpointManager on `<workdir>/checkpoints` keeping the last `max_to_keep` steps."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(
+    checkpoint_dir(workdir), options=options, item_names=("state", "metadata")
+  )
+
+
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: dict[str, Any],
+  *,
+  config: ml_collections.ConfigDict,
+  class_names: list[str],
+) -> None:
+  """Saves `state` (a pytree of host or single-device arrays) and the run's metadata at `step`.
+
+  The write is asynchronous; call `manager.wait_until_finished()` before the process exits.
+  """
+  metadata = {
+    "config": json.loads(config.to_json()),
+    "class_names": list(class_names),
+    "step": step,
+  }
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
+    ),
+  )
+
+
+def restore_state(manager: ocp.CheckpointManager, target: dict[str, Any], step: int | None = None):
+  """Restores the training state of `step` (default: latest) into the structure of `target`.
+
+  Args:
+    manager: from `create_manager`.
+    target: pytree with the structure, shapes and dtypes to restore into (arrays or
+      jax.ShapeDtypeStruct); sharding is ignored, arrays come back on the default device.
+    step: which step; None for the latest complete one.
+
+  Returns:
+    The restored pytree, or None when the directory holds no complete checkpoint.
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  abstract = jax.tree_util.tree_map(
+    lambda x: (
+      jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+      if not isinstance(x, jax.ShapeDtypeStruct)
+      else x
+    ),
+    target,
+  )
+  restored = manager.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+  )
+  return restored["state"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """What the linear probe needs from a pretraining checkpoint."""
+
+  config: ml_collections.ConfigDict
+  class_names: list[str]
+  params: Any
+  batch_stats: Any
+  step: int
+
+
+def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
+  """Loads the encoder and head of a pretraining run, without knowing its config beforehand.
+
+  Args:
+    workdir: the pretraining `--workdir`.
+    step: a saved step; None for the latest.
+
+  Returns:
+    `Pretrained` with host (NumPy) arrays.
+
+  Raises:
+    FileNotFoundError: the workdir has no complete checkpoint, or not that step.
+  """
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {workdir!r}: {directory!r} does not exist")
+  manager = ocp.CheckpointManager(
+    directory,
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    item_names=("state", "metadata"),
+  )
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no complete checkpoint in {directory!r}")
+  if step is None:
+    step = manager.latest_step()
+  elif step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {directory!r}; saved: {steps}")
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardRestore(), metadata=ocp.args.JsonRestore()),
+  )
+  state, metadata = restored["state"], restored["metadata"]
+  manager.close()
+  return Pretrained(
+    config=ml_collections.ConfigDict(metadata["config"]),
+    class_names=list(metadata["class_names"]),
+    params=jax.device_get(state["params"]),
+    batch_stats=jax.device_get(state["batch_stats"]),
+    step=int(step),
+  )

@@ -1,0 +1,251 @@
+"""SimCLR pretraining: the pmapped train step and the training loop (paper §2, Algorithm 1).
+
+One `jax.pmap` call site over all local devices (axis name `batch`): both views of the local
+batch go through the encoder as one batch, batch-norm statistics are synced across devices,
+the NT-Xent loss takes its negatives from the global batch, gradients are averaged with
+`lax.pmean`, and the state is donated. The augmentation RNG is folded from the step and the
+device index, so a resumed run continues the same random stream.
+"""
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+from flax.training import train_state
+
+from simclr_jax import augment, checkpoint, input_pipeline, losses, models, optim, reporting
+
+AXIS_NAME = "batch"
+
+
+class TrainState(train_state.TrainState):
+  """Optimiser state and parameters, plus the batch-norm running statistics."""
+
+  batch_stats: Any = None
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+  """Optimiser steps in one epoch (the last partial batch is dropped).
+
+  Raises:
+    ValueError: `batch_size` exceeds the number of training images.
+  """
+  steps = num_train_examples // config.batch_size
+  if steps == 0:
+    raise ValueError(
+      f"batch_size={config.batch_size} exceeds the {num_train_examples} training images"
+    )
+  return steps
+
+
+def create_train_state(
+  config: ml_collections.ConfigDict, model, rng: jax.Array, schedule: optax.Schedule
+) -> TrainState:
+  """Initialises parameters and batch statistics on a dummy batch; host-side, unreplicated."""
+  size = config.data.image_size
+  variables = jax.jit(lambda r: model.init(r, jnp.zeros((2, size, size, 3)), train=False))(rng)
+  return TrainState.create(
+    apply_fn=model.apply,
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    tx=optim.create_optimizer(config.optim, schedule),
+  )
+
+
+def make_train_step(config: ml_collections.ConfigDict, schedule: optax.Schedule):
+  """Returns `p_train_step(state, batch, rng) -> (state, metrics)`, pmapped over local devices.
+
+  `state` is replicated ([devices, ...] leaves) and donated; `batch` holds `view1`, `view2`:
+  float32 [devices, per_device, H, W, 3] in [0, 1]; `rng` is one key shared by all devices.
+  Metrics are global-batch scalars, identical on every device: `loss`,
+  `contrastive_accuracy`, `positive_similarity`, `negative_similarity`, `learning_rate`.
+  """
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS_NAME))
+    view1, view2 = augment.augment_views(rng, batch["view1"], batch["view2"], config.augment)
+    images = jnp.concatenate([view1, view2], axis=0)
+
+    def loss_fn(params):
+      (projection, _), updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+      )
+      z1, z2 = jnp.split(projection, 2, axis=0)
+      loss, metrics = losses.nt_xent(z1, z2, temperature=config.temperature, axis_name=AXIS_NAME)
+      return loss, (metrics, updates["batch_stats"])
+
+    (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, AXIS_NAME)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = dict(metrics, loss=loss, learning_rate=schedule(state.step))
+    return new_state, metrics
+
+  return jax.pmap(train_step, axis_name=AXIS_NAME, in_axes=(0, 0, None), donate_argnums=(0,))
+
+
+def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
+  return {
+    "step": state.step,
+    "params": state.params,
+    "batch_stats": state.batch_stats,
+    "opt_state": state.opt_state,
+  }
+
+
+def replicate(tree):
+  """Copies a host pytree to every local device: leaves [devices, ...], sharded on axis 0."""
+  devices = jax.local_devices()
+  sharding = jax.sharding.NamedSharding(
+    jax.sharding.Mesh(np.array(devices), (AXIS_NAME,)), jax.sharding.PartitionSpec(AXIS_NAME)
+  )
+  return jax.tree_util.tree_map(
+    lambda x: jax.device_put(
+      np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), sharding
+    ),
+    tree,
+  )
+
+
+def _unreplicate(tree):
+  return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains (or resumes) a SimCLR model as configured; writes everything under `workdir`.
+
+  Writes: `checkpoints/` (Orbax, every `checkpoint_every_epochs` and at the end),
+  `loss_history.csv`, `training_losses.png`, `tensorboard/`.
+
+  Returns:
+    A summary: `step`, `epoch`, final `loss` and `contrastive_accuracy`, `resumed_from`.
+
+  Raises:
+    ValueError: bad data or config values (see `input_pipeline`, `optim`, `models`).
+    FloatingPointError: the loss became NaN or Inf; names the step. The last good checkpoint
+      stays the latest on disk.
+  """
+  is_main = jax.process_index() == 0
+  class_names = input_pipeline.get_class_names(config.data)
+  num_train = input_pipeline.num_examples(config.data, config.data.train_split)
+  spe = steps_per_epoch(config, num_train)
+  total_steps = spe * config.num_epochs
+  schedule = optim.warmup_cosine(
+    config.optim, batch_size=config.batch_size, steps_per_epoch=spe, num_epochs=config.num_epochs
+  )
+  model = models.build_model(config.model, image_size=config.data.image_size, axis_name=AXIS_NAME)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, augment_rng = jax.random.split(rng)
+  state = create_train_state(config, model, init_rng, schedule)
+
+  manager = checkpoint.create_manager(workdir, max_to_keep=config.keep_checkpoints)
+  restored = checkpoint.restore_state(manager, _checkpoint_tree(state))
+  resumed_from = None
+  if restored is not None:
+    state = state.replace(**restored)
+    resumed_from = int(state.step)
+    logging.info("Resuming from the checkpoint of step %d in %s", resumed_from, workdir)
+  start_step = int(state.step)
+
+  history = reporting.LossHistory(workdir, resume_step=start_step) if is_main else None
+  writer = reporting.ScalarWriter(workdir) if is_main else None
+  batches = input_pipeline.create_pretrain_iterator(
+    config, seed=config.seed, start_epoch=start_step // spe
+  )
+  for _ in range(start_step % spe):
+    next(batches)
+
+  p_train_step = make_train_step(config, schedule)
+  p_state = replicate(state)
+  del state
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
+  last = {"loss": float("nan"), "contrastive_accuracy": float("nan")}
+  progress = tqdm.tqdm(
+    total=total_steps, initial=start_step, disable=not is_main, unit="step", dynamic_ncols=True
+  )
+  timer_start, timer_steps = time.perf_counter(), 0
+
+  def flush(step: int) -> None:
+    """Brings pending metrics to the host (one transfer per log interval, not per step)."""
+    nonlocal timer_start, timer_steps
+    fetched = jax.device_get([(s, jax.tree_util.tree_map(lambda x: x[0], m)) for s, m in pending])
+    pending.clear()
+    elapsed = time.perf_counter() - timer_start
+    pairs_per_s = timer_steps * config.batch_size / max(elapsed, 1e-9)
+    timer_start, timer_steps = time.perf_counter(), 0
+    for s, m in fetched:
+      if not np.isfinite(m["loss"]):
+        raise FloatingPointError(
+          f"loss is {float(m['loss'])} at step {s}; stopping. The last good checkpoint "
+          f"(step {manager.latest_step()}) in {checkpoint.checkpoint_dir(workdir)} is kept."
+        )
+    if not fetched or not is_main:
+      return
+    rows = [
+      {
+        "step": s,
+        "epoch": (s - 1) // spe + 1,
+        "loss": float(m["loss"]),
+        "contrastive_accuracy": float(m["contrastive_accuracy"]),
+        "learning_rate": float(m["learning_rate"]),
+      }
+      for s, m in fetched
+    ]
+    history.append(rows)
+    last.update(rows[-1])
+    scalars = {k: float(v) for k, v in fetched[-1][1].items()}
+    writer.write(step, dict(scalars, pairs_per_second=pairs_per_s))
+    progress.set_postfix(
+      epoch=f"{rows[-1]['epoch']}/{config.num_epochs}",
+      loss=f"{last['loss']:.4f}",
+      acc=f"{last['contrastive_accuracy']:.3f}",
+      lr=f"{last['learning_rate']:.3g}",
+      pairs_s=f"{pairs_per_s:.1f}",
+    )
+    if step % config.plot_every_steps < len(rows) or step == total_steps:
+      history.plot(f"{workdir}/training_losses.png")
+
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(batches)
+      p_state, metrics = p_train_step(p_state, batch, augment_rng)
+      pending.append((step, metrics))
+      timer_steps += 1
+      progress.update(1)
+      epoch_done = step % spe == 0
+      if step % config.log_every_steps == 0 or epoch_done:
+        flush(step)
+      if epoch_done:
+        epoch = step // spe
+        if epoch % config.checkpoint_every_epochs == 0 or step == total_steps:
+          checkpoint.save(
+            manager,
+            step,
+            _checkpoint_tree(_unreplicate(p_state)),
+            config=config,
+            class_names=class_names,
+          )
+    flush(total_steps)
+  finally:
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+    if writer is not None:
+      writer.close()
+  if history is not None:
+    history.plot(f"{workdir}/training_losses.png")
+  return {
+    "step": total_steps,
+    "epoch": config.num_epochs,
+    "loss": last["loss"],
+    "contrastive_accuracy": last["contrastive_accuracy"],
+    "resumed_from": resumed_from,
+  }

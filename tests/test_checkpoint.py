@@ -1,0 +1,92 @@
+"""Orbax checkpoints: round trip, metadata, incomplete saves never taken as the latest."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import tiny
+from simclr_jax import checkpoint, train
+
+
+def toy_state(value: float):
+  params = {"dense": {"kernel": jnp.full((3, 2), value), "bias": jnp.zeros((2,))}}
+  tx = optax.lars(0.1)
+  return {
+    "step": jnp.asarray(7, jnp.int32),
+    "params": params,
+    "batch_stats": {"bn": {"mean": jnp.arange(4.0)}},
+    "opt_state": tx.init(params),
+  }
+
+
+def test_round_trip_and_metadata(tmp_path):
+  config = tiny.get_config()
+  manager = checkpoint.create_manager(str(tmp_path), max_to_keep=2)
+  for step, value in [(1, 1.0), (2, 2.0), (3, 3.0)]:
+    checkpoint.save(manager, step, toy_state(value), config=config, class_names=["a", "b"])
+  manager.wait_until_finished()
+  assert manager.all_steps() == [2, 3]  # max_to_keep
+
+  restored = checkpoint.restore_state(manager, toy_state(0.0))
+  np.testing.assert_array_equal(restored["params"]["dense"]["kernel"], np.full((3, 2), 3.0))
+  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(toy_state(0.0))
+  older = checkpoint.restore_state(manager, toy_state(0.0), step=2)
+  np.testing.assert_array_equal(older["params"]["dense"]["kernel"], np.full((3, 2), 2.0))
+  manager.close()
+
+  pretrained = checkpoint.load_pretrained(str(tmp_path))
+  assert pretrained.step == 3
+  assert pretrained.class_names == ["a", "b"]
+  assert pretrained.config.model.depth == config.model.depth
+  assert pretrained.config.data.image_size == 32
+  np.testing.assert_array_equal(pretrained.batch_stats["bn"]["mean"], np.arange(4.0))
+  with pytest.raises(FileNotFoundError, match="step 1"):
+    checkpoint.load_pretrained(str(tmp_path), step=1)
+
+
+def test_replicated_save_restores_on_one_device(tmp_path):
+  """A state replicated over 4 devices, saved unreplicated, restores on a single device."""
+  assert jax.local_device_count() == 4
+  replicated = train.replicate(toy_state(5.0))
+  assert len(replicated["params"]["dense"]["kernel"].sharding.device_set) == 4
+  host = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], replicated))
+  manager = checkpoint.create_manager(str(tmp_path))
+  checkpoint.save(manager, 10, host, config=tiny.get_config(), class_names=["x"])
+  manager.wait_until_finished()
+  restored = checkpoint.restore_state(manager, toy_state(0.0))
+  kernel = restored["params"]["dense"]["kernel"]
+  np.testing.assert_array_equal(kernel, np.full((3, 2), 5.0))
+  assert len(kernel.devices()) == 1
+  manager.close()
+
+
+def test_incomplete_save_is_not_the_latest(tmp_path):
+  """A crash mid-save leaves only a temporary directory, which is never taken as a step."""
+  manager = checkpoint.create_manager(str(tmp_path))
+  checkpoint.save(manager, 4, toy_state(4.0), config=tiny.get_config(), class_names=["x"])
+  manager.wait_until_finished()
+  manager.close()
+  ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path))
+  # What an interrupted Orbax save leaves behind: a step directory under a temporary name.
+  partial = os.path.join(ckpt_dir, "8.orbax-checkpoint-tmp-1234567")
+  os.makedirs(os.path.join(partial, "state"))
+  with open(os.path.join(partial, "state", "garbage"), "w") as f:
+    f.write("half-written")
+  manager = checkpoint.create_manager(str(tmp_path))
+  assert manager.latest_step() == 4
+  restored = checkpoint.restore_state(manager, toy_state(0.0))
+  np.testing.assert_array_equal(restored["params"]["dense"]["kernel"], np.full((3, 2), 4.0))
+  manager.close()
+  assert checkpoint.load_pretrained(str(tmp_path)).step == 4
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    checkpoint.load_pretrained(str(tmp_path))
+  os.makedirs(checkpoint.checkpoint_dir(str(tmp_path)))
+  with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    checkpoint.load_pretrained(str(tmp_path))

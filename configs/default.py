@@ -43,8 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_split = "test"
   config.data.image_size = 224
   config.data.cache = False  # decode once into memory
-  config.data.cache_shorter_side = 256  # px; images are resized so their shorter side is this
-  config.data.shuffle_buffer = 10_000
+  config.data.cache_shorter_side = 256  # px; cached images are shrunk to this shorter side
+  config.data.shuffle_buffer = 10_000  # TFDS streams only; image lists are permuted in full
+  config.data.check_files = True  # decode every file once at start; report and skip bad ones
   config.data.eval_crop_fraction = 0.875
   config.data.prefetch = 2
 

@@ -1,0 +1,213 @@
+"""SimCLR's on-device augmentations (Chen et al. 2020, §3 and Appendix A), pure JAX on dm-pix.
+
+Per view, in this order: horizontal flip, colour jitter (its four ops in a random order), grayscale,
+Gaussian blur, solarize (BYOL's addition, off by default), clip to [0, 1], then optionally ImageNet
+mean/std normalisation. The random-resized crop runs earlier, on the host, in tf.data
+(`simclr_jax.input_pipeline.random_resized_crop`).
+
+Every op takes a key first and one float32 ``[H, W, 3]`` image in [0, 1] (dm-pix's convention);
+`augment_batch` splits its key per example and ``vmap``s. Probabilities and strengths are Python
+numbers from the config: an op whose probability or strength is 0 is left out of the computation.
+"""
+
+from collections.abc import Callable
+
+import dm_pix as pix
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BLUR_KERNEL_FRACTION = 0.1  # kernel size as a fraction of the image height (Appendix A)
+
+
+def _random_apply(
+  key: jax.Array, image: jax.Array, probability: float, fn: Callable[[jax.Array], jax.Array]
+) -> jax.Array:
+  """``fn(image)`` with probability ``probability``, else ``image``."""
+  if isinstance(probability, int | float):
+    if probability <= 0:
+      return image
+    if probability >= 1:
+      return fn(image)
+  return jax.lax.cond(jax.random.uniform(key) < probability, fn, lambda x: x, image)
+
+
+def color_jitter(
+  key: jax.Array,
+  image: jax.Array,
+  *,
+  brightness: float = 0.0,
+  contrast: float = 0.0,
+  saturation: float = 0.0,
+  hue: float = 0.0,
+) -> jax.Array:
+  """Random brightness, contrast, saturation and hue, in a random order (SimCLR Appendix A).
+
+  Brightness multiplies the image by a factor in ``[max(0, 1 - brightness), 1 + brightness]``
+  (dm-pix's own brightness is additive); contrast and saturation factors are drawn from
+  ``[max(0, 1 - x), 1 + x]``; the hue shift from ``[-hue, hue]`` (turns, at most 0.5). The image is
+  clipped to [0, 1] after each op, as in the reference implementation.
+
+  Args:
+    key: PRNG key.
+    image: float32 ``[H, W, 3]`` in [0, 1].
+    brightness, contrast, saturation, hue: strengths, >= 0; an op at 0 is skipped.
+
+  Returns:
+    float32 ``[H, W, 3]`` in [0, 1].
+  """
+  ops = []
+  if brightness > 0:
+    ops.append((lambda x, f: x * f, max(0.0, 1 - brightness), 1 + brightness))
+  if contrast > 0:
+    ops.append((pix.adjust_contrast, max(0.0, 1 - contrast), 1 + contrast))
+  if saturation > 0:
+    ops.append((pix.adjust_saturation, max(0.0, 1 - saturation), 1 + saturation))
+  if hue > 0:
+    ops.append((pix.adjust_hue, -min(hue, 0.5), min(hue, 0.5)))
+  if not ops:
+    return image
+  order_key, *op_keys = jax.random.split(key, len(ops) + 1)
+  branches = []
+  for op_key, (op, lo, hi) in zip(op_keys, ops, strict=True):
+    factor = jax.random.uniform(op_key, minval=lo, maxval=hi)
+    branches.append(lambda x, op=op, f=factor: jnp.clip(op(x, f), 0.0, 1.0))
+  order = jax.random.permutation(order_key, len(ops))
+  for position in range(len(ops)):
+    image = jax.lax.switch(order[position], branches, image)
+  return image
+
+
+def random_color_jitter(
+  key: jax.Array, image: jax.Array, *, probability: float, strength: float
+) -> jax.Array:
+  """With probability ``probability``, `color_jitter` of strength ``s``: brightness, contrast and
+  saturation ``0.8 s``, hue ``0.2 s`` (SimCLR Appendix A). Shapes as `color_jitter`."""
+  apply_key, jitter_key = jax.random.split(key)
+  jitter = dict(brightness=0.8 * strength, contrast=0.8 * strength, saturation=0.8 * strength)
+
+  def fn(x):
+    return color_jitter(jitter_key, x, hue=0.2 * strength, **jitter)
+
+  return _random_apply(apply_key, image, probability if strength > 0 else 0.0, fn)
+
+
+def random_grayscale(key: jax.Array, image: jax.Array, *, probability: float) -> jax.Array:
+  """With probability ``probability``, the image's luma (Rec. 601) in all three channels."""
+  return _random_apply(key, image, probability, lambda x: pix.rgb_to_grayscale(x, keep_dims=True))
+
+
+def random_gaussian_blur(
+  key: jax.Array,
+  image: jax.Array,
+  *,
+  probability: float,
+  sigma_range: tuple[float, float] = (0.1, 2.0),
+  kernel_size: int | None = None,
+) -> jax.Array:
+  """With probability ``probability``, a Gaussian blur with sigma ~ U(sigma_range) pixels.
+
+  ``kernel_size`` defaults to 10% of ``H`` (made odd by dm-pix), as in SimCLR; borders
+  are zero-padded as in the reference implementation.
+  """
+  apply_key, sigma_key = jax.random.split(key)
+  if kernel_size is None:
+    kernel_size = int(image.shape[0] * BLUR_KERNEL_FRACTION)
+
+  def fn(x):
+    sigma = jax.random.uniform(sigma_key, minval=sigma_range[0], maxval=sigma_range[1])
+    return pix.gaussian_blur(x, sigma, kernel_size)
+
+  return _random_apply(apply_key, image, probability, fn)
+
+
+def random_solarize(
+  key: jax.Array, image: jax.Array, *, probability: float, threshold: float = 0.5
+) -> jax.Array:
+  """With probability ``probability``, inverts the values at or above ``threshold`` (BYOL)."""
+  return _random_apply(key, image, probability, lambda x: pix.solarize(x, threshold))
+
+
+def normalize_images(images: jax.Array, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
+  """``(images - mean) / std`` per channel; images float ``[..., 3]`` in [0, 1]."""
+  return (images - jnp.asarray(mean, images.dtype)) / jnp.asarray(std, images.dtype)
+
+
+def augment_image(
+  key: jax.Array, image: jax.Array, view_config: ml_collections.ConfigDict
+) -> jax.Array:
+  """One view of one image: flip, colour jitter, grayscale, blur, solarize, clip.
+
+  Args:
+    key: PRNG key.
+    image: float32 ``[H, W, 3]`` in [0, 1], already cropped.
+    view_config: ``config.augment.view1``-style settings (`configs.default.view_augment`).
+
+  Returns:
+    float32 ``[H, W, 3]`` in [0, 1].
+  """
+  keys = jax.random.split(key, 5)
+  c = view_config
+  image = pix.random_flip_left_right(keys[0], image, probability=c.flip_prob)
+  image = random_color_jitter(
+    keys[1], image, probability=c.color_jitter_prob, strength=c.color_jitter_strength
+  )
+  image = random_grayscale(keys[2], image, probability=c.grayscale_prob)
+  image = random_gaussian_blur(
+    keys[3], image, probability=c.blur_prob, sigma_range=tuple(c.blur_sigma)
+  )
+  image = random_solarize(
+    keys[4], image, probability=c.solarize_prob, threshold=c.solarize_threshold
+  )
+  return jnp.clip(image, 0.0, 1.0)
+
+
+def augment_batch(
+  rng: jax.Array,
+  images: jax.Array,
+  view_config: ml_collections.ConfigDict,
+  *,
+  normalize: bool = False,
+) -> jax.Array:
+  """`augment_image` on each image with its own key (``split(rng, B)``), vmapped; jittable.
+
+  Args:
+    rng: PRNG key; fold the step and device index into it first so they differ.
+    images: float32 ``[B, H, W, 3]`` in [0, 1].
+    view_config: ``config.augment.view1``-style settings.
+    normalize: subtract the ImageNet mean and divide by its std afterwards.
+
+  Returns:
+    float32 ``[B, H, W, 3]``, in [0, 1] unless normalised.
+  """
+  keys = jax.random.split(rng, images.shape[0])
+  out = jax.vmap(lambda k, x: augment_image(k, x, view_config))(keys, images)
+  return normalize_images(out) if normalize else out
+
+
+def augment_views(
+  rng: jax.Array,
+  view1: jax.Array,
+  view2: jax.Array,
+  augment_config: ml_collections.ConfigDict,
+) -> tuple[jax.Array, jax.Array]:
+  """Augments the two crops with ``augment_config.view1`` / ``view2`` and independent keys.
+
+  Args:
+    rng: PRNG key with the step and device index already folded in.
+    view1, view2: float32 ``[B, H, W, 3]`` in [0, 1], two crops of the same B images.
+    augment_config: ``config.augment``; reads ``enabled``, ``normalize``, ``view1``, ``view2``.
+
+  Returns:
+    ``(view1, view2)``, float32 ``[B, H, W, 3]``. With ``enabled`` False the inputs come back
+    unchanged (only normalised, if ``normalize`` is set).
+  """
+  normalize = bool(augment_config.get("normalize", False))
+  if not augment_config.enabled:
+    return tuple(normalize_images(v) if normalize else v for v in (view1, view2))
+  return (
+    augment_batch(jax.random.fold_in(rng, 1), view1, augment_config.view1, normalize=normalize),
+    augment_batch(jax.random.fold_in(rng, 2), view2, augment_config.view2, normalize=normalize),
+  )

@@ -1,0 +1,420 @@
+"""tf.data input for SimCLR: two random-resized crops per image to pretrain, a centre crop to eval.
+
+Sources (``config.data.source``): ``"folder"``, an ImageFolder tree read by `image_folder`, or
+``"tfds"``, a TFDS dataset by name read from ``config.data.tfds_data_dir``. With
+``config.data.cache`` every image is decoded once, shrunk so its shorter side is at most
+``config.data.cache_shorter_side`` and kept in memory as uint8.
+
+Randomness is stateless: epoch ``e`` is shuffled with a seed derived from ``(seed, e)`` and every
+crop from that and the example's position, so a run resumed at ``start_epoch`` sees the same stream.
+Undecodable files are found before the first epoch (``config.data.check_files``, or while filling
+the cache), logged by path and left out; a file that fails later is dropped, not fatal.
+Flip, colour and blur run on device afterwards (`simclr_jax.augment`).
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from flax import jax_utils
+
+from simclr_jax import image_folder
+from simclr_jax.image_folder import list_image_folder
+
+__all__ = [
+  "InputIterator",
+  "center_crop",
+  "create_eval_iterator",
+  "create_pretrain_iterator",
+  "eval_dataset",
+  "get_class_names",
+  "list_image_folder",
+  "num_examples",
+  "pretrain_dataset",
+  "random_resized_crop",
+  "sample_crop_window",
+]
+
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+def sample_crop_window(
+  image_shape: tf.Tensor,
+  seed: tf.Tensor,
+  *,
+  area_range: tuple[float, float] = (0.08, 1.0),
+  aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
+  attempts: int = 10,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+  """Samples a random-resized-crop window (SimCLR Appendix A; Szegedy et al. 2015).
+
+  Up to ``attempts`` draws of an area fraction ~ U(area_range) and an aspect ratio (width/height)
+  log-uniform in ``aspect_ratio_range``; the first window that fits is used. If none fits, a centre
+  crop of the whole image, narrowed to the nearest allowed aspect ratio.
+
+  Args:
+    image_shape: int tensor ``[H, W, ...]``, any ``H, W >= 1``.
+    seed: int32/int64 ``[2]`` stateless seed.
+
+  Returns:
+    ``(y, x, height, width)`` int32 scalars; the window lies inside the image and is at least 1x1.
+  """
+  height = tf.cast(image_shape[0], tf.float32)
+  width = tf.cast(image_shape[1], tf.float32)
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  lo, hi = aspect_ratio_range
+  areas = height * width * tf.random.stateless_uniform([attempts], seeds[0], *area_range)
+  ratios = tf.exp(tf.random.stateless_uniform([attempts], seeds[1], math.log(lo), math.log(hi)))
+  ws = tf.round(tf.sqrt(areas * ratios))
+  hs = tf.round(tf.sqrt(areas / ratios))
+  fits = (ws >= 1) & (hs >= 1) & (ws <= width) & (hs <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  found = tf.reduce_any(fits)
+
+  ratio = width / height
+  fallback_w = tf.where(ratio > hi, tf.round(height * hi), width)
+  fallback_h = tf.where(ratio < lo, tf.round(width / lo), height)
+  h = tf.cast(tf.maximum(tf.where(found, hs[first], fallback_h), 1.0), tf.int32)
+  w = tf.cast(tf.maximum(tf.where(found, ws[first], fallback_w), 1.0), tf.int32)
+
+  def offset(size, crop, s):
+    drawn = tf.random.stateless_uniform([], s, minval=0, maxval=size - crop + 1, dtype=tf.int32)
+    return tf.where(found, drawn, (size - crop) // 2)
+
+  y = offset(tf.cast(image_shape[0], tf.int32), h, seeds[2])
+  x = offset(tf.cast(image_shape[1], tf.int32), w, seeds[3])
+  return y, x, h, w
+
+
+def _resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
+  """uint8 ``[h, w, 3]`` -> float32 ``[size, size, 3]`` in [0, 1] (antialiased when shrinking)."""
+  out = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+  return tf.clip_by_value(out / 255.0, 0.0, 1.0)
+
+
+def random_resized_crop(
+  image: tf.Tensor,
+  seed: tf.Tensor,
+  *,
+  size: int,
+  area_range: tuple[float, float] = (0.08, 1.0),
+  aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tf.Tensor:
+  """Crops a window from `sample_crop_window` and resizes it to ``size`` x ``size``.
+
+  Args:
+    image: uint8 ``[H, W, 3]``, any size.
+    seed: int ``[2]`` stateless seed; the same seed gives the same crop.
+
+  Returns:
+    float32 ``[size, size, 3]`` in [0, 1].
+  """
+  y, x, h, w = sample_crop_window(
+    tf.shape(image), seed, area_range=area_range, aspect_ratio_range=aspect_ratio_range
+  )
+  return _resize_square(image[y : y + h, x : x + w], size)
+
+
+def center_crop(image: tf.Tensor, *, size: int, crop_fraction: float = 0.875) -> tf.Tensor:
+  """The evaluation view: a centred square of ``crop_fraction`` of the shorter side, resized.
+
+  Args:
+    image: uint8 ``[H, W, 3]``, any size.
+    crop_fraction: in (0, 1]; 1 keeps the whole shorter side.
+
+  Returns:
+    float32 ``[size, size, 3]`` in [0, 1].
+  """
+  shape = tf.shape(image)
+  side = tf.cast(tf.round(tf.cast(tf.reduce_min(shape[:2]), tf.float32) * crop_fraction), tf.int32)
+  side = tf.maximum(side, 1)
+  y = (shape[0] - side) // 2
+  x = (shape[1] - side) // 2
+  return _resize_square(image[y : y + side, x : x + side], size)
+
+
+def _eval_crop_fraction(data_config: ml_collections.ConfigDict) -> float:
+  return 1.0 if data_config.image_size <= 32 else data_config.eval_crop_fraction
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """Examples of one split. ``examples(shuffle_seed)`` yields this host's ``(key, label)`` pairs,
+  ``load(key, min_shorter_side)`` turns a key into a uint8 ``[H, W, 3]`` image."""
+
+  num_examples: int  # over all hosts
+  host_examples: int
+  examples: Callable[[tf.Tensor | None], tf.data.Dataset]
+  load: Callable[[tf.Tensor, int | None], tf.Tensor]
+  skipped: tuple[tuple[str, str], ...] = ()
+
+
+def _indexed_source(labels: np.ndarray, load, skipped=()) -> _Source:
+  """A source with random access: shuffles by permuting indices, host ``h`` takes every P-th."""
+  n, hosts, host = len(labels), jax.process_count(), jax.process_index()
+  labels_t = tf.constant(labels, tf.int32)
+
+  def examples(seed):
+    order = tf.range(n, dtype=tf.int64)
+    if seed is not None:
+      order = tf.random.experimental.stateless_shuffle(order, seed)
+    ds = tf.data.Dataset.from_tensor_slices(order[host::hosts])
+    return ds.map(lambda i: (i, labels_t[i]))
+
+  return _Source(n, len(range(host, n, hosts)), examples, load, tuple(skipped))
+
+
+@functools.lru_cache(maxsize=8)
+def _checked_folder(root, split, class_names, check):
+  paths, labels, _ = list_image_folder(root, split, list(class_names))
+  skipped = image_folder.find_undecodable(paths, what=f"{root}/{split}") if check else []
+  bad = {p for p, _ in skipped}
+  keep = np.asarray([p not in bad for p in paths], bool)
+  return [p for p, k in zip(paths, keep, strict=True) if k], labels[keep], tuple(skipped)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_folder(root, split, class_names, shorter_side):
+  paths, labels, _ = list_image_folder(root, split, list(class_names))
+  cache, skipped = image_folder.cache_image_files(paths, shorter_side)
+  return cache, labels[cache.indices], tuple(skipped)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tfds(name, split, data_dir, shorter_side):
+  ds = _load_tfds(name, split, data_dir)
+  cache = image_folder.cache_images(
+    ds.enumerate().map(lambda i, ex: (i, ex[0])), int(ds.cardinality()), shorter_side
+  )
+  labels = np.concatenate([y for _, y in ds.batch(4096).as_numpy_iterator()])
+  return cache, labels[cache.indices]
+
+
+def _load_tfds(name, split, data_dir) -> tf.data.Dataset:
+  ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+
+  def to_pair(ex):
+    image = ex["image"]
+    if image.shape[-1] == 1:
+      image = tf.tile(image, [1, 1, 3])
+    return image, tf.cast(ex["label"], tf.int32)
+
+  return ds.map(to_pair, num_parallel_calls=_AUTOTUNE)
+
+
+def _source(data_config: ml_collections.ConfigDict, split: str) -> _Source:
+  if data_config.source == "folder":
+    root, names = data_config.root, tuple(get_class_names(data_config))
+    if data_config.cache:
+      cache, labels, skipped = _cached_folder(root, split, names, data_config.cache_shorter_side)
+      return _indexed_source(labels, lambda i, _: cache.load(i), skipped)
+    paths, labels, skipped = _checked_folder(root, split, names, data_config.check_files)
+    paths_t = tf.constant(paths)
+
+    def load(i, min_side):
+      contents = tf.io.read_file(paths_t[i])
+      return image_folder.decode_image_uint8(contents, min_shorter_side=min_side)
+
+    return _indexed_source(labels, load, skipped)
+
+  if data_config.source == "tfds":
+    name, data_dir = data_config.tfds_name, data_config.tfds_data_dir
+    if data_config.cache:
+      cache, labels = _cached_tfds(name, split, data_dir, data_config.cache_shorter_side)
+      return _indexed_source(labels, lambda i, _: cache.load(i))
+    total = int(_load_tfds(name, split, data_dir).cardinality())
+    host_ds = _load_tfds(name, tfds.split_for_jax_process(split), data_dir)
+    buffer = data_config.shuffle_buffer
+
+    def examples(seed):
+      if seed is None:
+        return host_ds
+      shuffle_seed = tf.random.stateless_uniform([], seed, None, None, dtype=tf.int64)
+      return host_ds.shuffle(buffer, seed=shuffle_seed)
+
+    return _Source(total, int(host_ds.cardinality()), examples, lambda image, _: image)
+
+  raise ValueError(f"config.data.source={data_config.source!r}; expected 'folder' or 'tfds'.")
+
+
+def get_class_names(data_config: ml_collections.ConfigDict) -> list[str]:
+  """Class names: the train split's sorted class folders, or the TFDS label names.
+
+  Raises:
+    ValueError: for a missing root or train split, or an unknown ``data_config.source``.
+  """
+  if data_config.source == "folder":
+    return image_folder.folder_class_names(data_config.root, data_config.train_split)
+  if data_config.source == "tfds":
+    builder = tfds.builder(data_config.tfds_name, data_dir=data_config.tfds_data_dir or None)
+    return list(builder.info.features["label"].names)
+  raise ValueError(f"config.data.source={data_config.source!r}; expected 'folder' or 'tfds'.")
+
+
+def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
+  """Examples in ``split`` over all hosts, undecodable files excluded (when they are checked)."""
+  return _source(data_config, split).num_examples
+
+
+def _local_batch_size(batch_size: int) -> int:
+  devices = jax.device_count()
+  if batch_size <= 0 or batch_size % devices:
+    raise ValueError(
+      f"batch_size={batch_size} must be a positive multiple of the {devices} devices "
+      f"({jax.process_count()} host(s) x {jax.local_device_count()} local device(s))."
+    )
+  return batch_size // jax.process_count()
+
+
+def _shard_for_devices(tree: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  devices = jax.local_device_count()
+  return {k: tf.reshape(v, [devices, -1, *v.shape[1:]]) for k, v in tree.items()}
+
+
+def pretrain_dataset(config: ml_collections.ConfigDict, *, seed: int, start_epoch: int = 0):
+  """This host's pretraining batches, endless over epochs, as a tf.data pipeline on the host.
+
+  Args:
+    config: full config (`configs/default.py`); reads ``data``, ``augment.enabled``,
+      ``augment.crop_area``, ``augment.crop_aspect_ratio`` and ``batch_size`` (global).
+    seed: seed of the shuffles and crops.
+    start_epoch: the first epoch; epoch ``e`` is the same whatever epoch the stream started at.
+
+  Returns:
+    ``(dataset, source)``; the dataset yields ``{'view1', 'view2'}`` float32
+    ``[local_devices, per_device, S, S, 3]`` in [0, 1] with ``S = config.data.image_size``, and
+    ``'label'`` int32 ``[local_devices, per_device]``. Each epoch is ``n // batch_size`` batches
+    (the remainder is dropped). With ``augment.enabled`` False both views are the eval crop.
+
+  Raises:
+    ValueError: for a bad batch size, a split with fewer examples than one batch, and the errors of
+      `list_image_folder`.
+  """
+  data = config.data
+  local_batch = _local_batch_size(config.batch_size)
+  source = _source(data, data.train_split)
+  steps = source.num_examples // config.batch_size
+  if steps == 0:
+    raise ValueError(
+      f"Split {data.train_split!r} has {source.num_examples} examples, fewer than one batch "
+      f"(batch_size={config.batch_size})."
+    )
+  size, augment = data.image_size, config.augment
+  if augment.enabled:
+    area, aspect = tuple(augment.crop_area), tuple(augment.crop_aspect_ratio)
+    # The smallest crop still has about `size` pixels across at this shorter side.
+    min_side = math.ceil(size / math.sqrt(area[0] * min(aspect[0], 1 / aspect[1])))
+  else:
+    crop_fraction = _eval_crop_fraction(data)
+    min_side = math.ceil(size / crop_fraction)
+  hosts, host = jax.process_count(), jax.process_index()
+
+  def epoch(e):
+    epoch_seed = tf.stack([tf.constant(seed, tf.int64), e])
+    ds = source.examples(epoch_seed).take(steps * local_batch).enumerate()
+    return ds.map(
+      lambda j, ex: (
+        *ex,
+        tf.random.experimental.stateless_fold_in(epoch_seed, j * hosts + host),
+      )
+    )
+
+  def views(key, label, example_seed):
+    image = source.load(key, min_side)
+    if augment.enabled:
+      seeds = tf.random.experimental.stateless_split(example_seed, 2)
+      view1, view2 = (
+        random_resized_crop(image, s, size=size, area_range=area, aspect_ratio_range=aspect)
+        for s in (seeds[0], seeds[1])
+      )
+    else:
+      view1 = view2 = center_crop(image, size=size, crop_fraction=crop_fraction)
+    return {"view1": view1, "view2": view2, "label": label}
+
+  ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch)
+  ds = ds.map(views, num_parallel_calls=_AUTOTUNE, deterministic=True).ignore_errors()
+  ds = ds.batch(local_batch, drop_remainder=True).map(_shard_for_devices)
+  return ds.prefetch(_AUTOTUNE), source
+
+
+def eval_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: int):
+  """One deterministic pass over ``split``, every example exactly once over all hosts.
+
+  Args:
+    config: full config; reads ``config.data``.
+    split: split name, e.g. ``config.data.eval_split``.
+    batch_size: global batch size, a multiple of the device count.
+
+  Returns:
+    ``(dataset, source, num_batches)``; the dataset yields ``'image'`` float32
+    ``[local_devices, per_device, S, S, 3]`` in [0, 1] (resize and centre crop of
+    ``data.eval_crop_fraction``; no crop at ``S <= 32``), ``'label'`` int32 and ``'mask'`` bool
+    ``[local_devices, per_device]``. Padding examples (zeros, label 0, mask False) fill the last
+    batches, so every host yields ``num_batches`` batches.
+  """
+  data = config.data
+  local_batch = _local_batch_size(batch_size)
+  source = _source(data, split)
+  most_per_host = math.ceil(source.num_examples / jax.process_count())
+  num_batches = math.ceil(most_per_host / local_batch)
+  size, crop_fraction = data.image_size, _eval_crop_fraction(data)
+  min_side = math.ceil(size / crop_fraction)
+
+  def transform(key, label):
+    image = center_crop(source.load(key, min_side), size=size, crop_fraction=crop_fraction)
+    return {"image": image, "label": label, "mask": tf.constant(True)}
+
+  pad = {
+    "image": tf.zeros([size, size, 3], tf.float32),
+    "label": tf.constant(0, tf.int32),
+    "mask": tf.constant(False),
+  }
+  ds = source.examples(None).map(transform, num_parallel_calls=_AUTOTUNE, deterministic=True)
+  # A file that fails now is dropped; the generous padding keeps the batch count fixed anyway.
+  padding = num_batches * local_batch - source.host_examples + local_batch
+  ds = ds.ignore_errors().concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
+  ds = ds.batch(local_batch, drop_remainder=True).take(num_batches).map(_shard_for_devices)
+  return ds.prefetch(_AUTOTUNE), source, num_batches
+
+
+class InputIterator(Iterator[dict[str, Any]]):
+  """Batches placed on the local devices, plus what the pipeline knows about its input.
+
+  Attributes:
+    num_examples: examples in the split over all hosts, skipped files excluded.
+    skipped: ``(path, reason)`` of each file left out because it could not be decoded.
+    num_batches: batches in one pass (eval), or batches per epoch (pretraining).
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, source: _Source, num_batches: int, prefetch: int):
+    self._batches = jax_utils.prefetch_to_device(dataset.as_numpy_iterator(), max(1, prefetch))
+    self.num_examples = source.num_examples
+    self.skipped = list(source.skipped)
+    self.num_batches = num_batches
+
+  def __next__(self) -> dict[str, Any]:
+    return next(self._batches)
+
+
+def create_pretrain_iterator(
+  config: ml_collections.ConfigDict, *, seed: int, start_epoch: int = 0
+) -> InputIterator:
+  """Endless pretraining batches on the local devices; see `pretrain_dataset` for the contents."""
+  ds, source = pretrain_dataset(config, seed=seed, start_epoch=start_epoch)
+  steps = source.num_examples // config.batch_size
+  return InputIterator(ds, source, steps, config.data.prefetch)
+
+
+def create_eval_iterator(
+  config: ml_collections.ConfigDict, split: str, *, batch_size: int
+) -> InputIterator:
+  """One padded, masked evaluation pass on the local devices; see `eval_dataset`."""
+  ds, source, num_batches = eval_dataset(config, split, batch_size=batch_size)
+  return InputIterator(ds, source, num_batches, config.data.prefetch)

@@ -19,9 +19,20 @@ flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (one pr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging.logging.Filter):
+  """Drops the INFO chatter of Orbax and TensorFlow; their warnings and errors still show."""
+
+  def filter(self, record):
+    noisy = ("/orbax/", "/tensorflow/", "/tensorstore/")
+    return record.levelno >= logging.logging.WARNING or not any(
+      part in record.pathname for part in noisy
+    )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf
 
   # tf.data only: keep TensorFlow off the accelerators so JAX has all their memory.

@@ -58,8 +58,10 @@ def create_train_state(
   )
 
 
-def make_train_step(config: ml_collections.ConfigDict, schedule: optax.Schedule):
-  """Returns `p_train_step(state, batch, rng) -> (state, metrics)`, pmapped over local devices.
+def make_train_step(config: ml_collections.ConfigDict, schedule: optax.Schedule, devices=None):
+  """Returns `p_train_step(state, batch, rng) -> (state, metrics)`, pmapped over `devices`.
+
+  `devices` defaults to all local devices.
 
   `state` is replicated ([devices, ...] leaves) and donated; `batch` holds `view1`, `view2`:
   float32 [devices, per_device, H, W, 3] in [0, 1]; `rng` is one key shared by all devices.
@@ -89,7 +91,13 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: optax.Schedule)
     metrics = dict(metrics, loss=loss, learning_rate=schedule(state.step))
     return new_state, metrics
 
-  return jax.pmap(train_step, axis_name=AXIS_NAME, in_axes=(0, 0, None), donate_argnums=(0,))
+  return jax.pmap(
+    train_step,
+    axis_name=AXIS_NAME,
+    in_axes=(0, 0, None),
+    donate_argnums=(0,),
+    devices=devices,
+  )
 
 
 def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
@@ -101,9 +109,9 @@ def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
   }
 
 
-def replicate(tree):
-  """Copies a host pytree to every local device: leaves [devices, ...], sharded on axis 0."""
-  devices = jax.local_devices()
+def replicate(tree, devices=None):
+  """Copies a host pytree to each of `devices` (default: all local): leaves [devices, ...]."""
+  devices = jax.local_devices() if devices is None else devices
   sharding = jax.sharding.NamedSharding(
     jax.sharding.Mesh(np.array(devices), (AXIS_NAME,)), jax.sharding.PartitionSpec(AXIS_NAME)
   )
@@ -141,27 +149,29 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   schedule = optim.warmup_cosine(
     config.optim, batch_size=config.batch_size, steps_per_epoch=spe, num_epochs=config.num_epochs
   )
+  manager = checkpoint.create_manager(workdir, max_to_keep=config.keep_checkpoints)
+  resumed_from = manager.latest_step()
+  start_step = resumed_from or 0
+  # Built before the model so that bad data or batch settings fail before any compilation.
+  batches = input_pipeline.create_pretrain_iterator(
+    config, seed=config.seed, start_epoch=start_step // spe
+  )
   model = models.build_model(config.model, image_size=config.data.image_size, axis_name=AXIS_NAME)
   rng = jax.random.PRNGKey(config.seed)
   init_rng, augment_rng = jax.random.split(rng)
   state = create_train_state(config, model, init_rng, schedule)
-
-  manager = checkpoint.create_manager(workdir, max_to_keep=config.keep_checkpoints)
-  restored = checkpoint.restore_state(manager, _checkpoint_tree(state))
-  resumed_from = None
-  if restored is not None:
-    state = state.replace(**restored)
-    resumed_from = int(state.step)
+  if resumed_from is not None:
+    state = state.replace(
+      **checkpoint.restore_state(manager, _checkpoint_tree(state), resumed_from)
+    )
     logging.info("Resuming from the checkpoint of step %d in %s", resumed_from, workdir)
-  start_step = int(state.step)
+  if int(state.step) != start_step:
+    raise ValueError(f"checkpoint {resumed_from} in {workdir} holds step {int(state.step)}")
+  for _ in range(start_step % spe):
+    next(batches)
 
   history = reporting.LossHistory(workdir, resume_step=start_step) if is_main else None
   writer = reporting.ScalarWriter(workdir) if is_main else None
-  batches = input_pipeline.create_pretrain_iterator(
-    config, seed=config.seed, start_epoch=start_step // spe
-  )
-  for _ in range(start_step % spe):
-    next(batches)
 
   p_train_step = make_train_step(config, schedule)
   p_state = replicate(state)

@@ -1,0 +1,229 @@
+"""Training: 1 device == 4 devices, synced BN, resume == uninterrupted, NaN stop, the CLI."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from simclr_jax import checkpoint, models, optim, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ("circle", "square", "stripes", "noise")
+
+
+def _shape_image(kind: str, rng: np.random.Generator, size=(40, 36)) -> Image.Image:
+  h, w = size
+  image = np.full((h, w, 3), rng.integers(0, 80, size=3), np.uint8)
+  color = rng.integers(120, 256, size=3).astype(np.uint8)
+  yy, xx = np.mgrid[:h, :w]
+  if kind == "circle":
+    image[(yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 3) ** 2] = color
+  elif kind == "square":
+    image[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = color
+  elif kind == "stripes":
+    image[(xx // 4) % 2 == 0] = color
+  else:
+    image = rng.integers(0, 256, size=(h, w, 3)).astype(np.uint8)
+  return Image.fromarray(image)
+
+
+def make_folder(root, per_class_train=8, per_class_test=2, seed=0) -> str:
+  """root/{train,test}/<class>/<i>.png with a simple visual rule per class."""
+  rng = np.random.default_rng(seed)
+  for split, count in (("train", per_class_train), ("test", per_class_test)):
+    for kind in CLASSES:
+      os.makedirs(os.path.join(root, split, kind), exist_ok=True)
+      for i in range(count):
+        _shape_image(kind, rng).save(os.path.join(root, split, kind, f"{i}.png"))
+  return str(root)
+
+
+def tiny_config(data_root: str, **overrides):
+  config = tiny.get_config()
+  config.data.root = data_root
+  config.num_epochs = 2
+  config.log_every_steps = 1
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  return make_folder(tmp_path_factory.mktemp("shapes"))
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def test_one_step_on_one_device_equals_four_devices():
+  config = tiny_config("unused")
+  config.augment.enabled = False  # the views below are the two views; no device-dependent RNG
+  config.optim.name = "sgd"
+  config.optim.base_lr = 0.1
+  config.optim.schedule = "constant"
+  global_batch, size = 8, config.data.image_size
+  rng = np.random.default_rng(0)
+  view1 = rng.uniform(size=(global_batch, size, size, 3)).astype(np.float32)
+  view2 = np.clip(view1 + 0.2 * rng.normal(size=view1.shape), 0, 1).astype(np.float32)
+  schedule = optim.warmup_cosine(config.optim, batch_size=8, steps_per_epoch=1, num_epochs=1)
+  model = models.build_model(config.model, image_size=size, axis_name=train.AXIS_NAME)
+  state = train.create_train_state(config, model, jax.random.PRNGKey(0), schedule)
+
+  results = {}
+  for n in (1, 4):
+    devices = jax.local_devices()[:n]
+    step = train.make_train_step(config, schedule, devices=devices)
+    batch = {
+      "view1": view1.reshape(n, global_batch // n, size, size, 3),
+      "view2": view2.reshape(n, global_batch // n, size, size, 3),
+    }
+    new_state, metrics = step(train.replicate(state, devices), batch, jax.random.PRNGKey(1))
+    results[n] = (jax.device_get(new_state), jax.device_get(metrics))
+
+  (state1, metrics1), (state4, metrics4) = results[1], results[4]
+  np.testing.assert_allclose(metrics4["loss"], metrics1["loss"][0], rtol=1e-5)
+  # BN statistics: identical on every replica, and equal to the single-device ones.
+  for leaf4, leaf1 in zip(
+    jax.tree_util.tree_leaves(state4.batch_stats),
+    jax.tree_util.tree_leaves(state1.batch_stats),
+    strict=True,
+  ):
+    for replica in range(1, 4):
+      np.testing.assert_array_equal(leaf4[replica], leaf4[0])
+    np.testing.assert_allclose(leaf4[0], leaf1[0], rtol=1e-4, atol=1e-5)
+  # Parameters after the SGD step: the same update on every replica and as on one device.
+  moved = 0
+  for new4, new1, old in zip(
+    jax.tree_util.tree_leaves(state4.params),
+    jax.tree_util.tree_leaves(state1.params),
+    jax.tree_util.tree_leaves(state.params),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(new4[3], new4[0])
+    np.testing.assert_allclose(new4[0] - old, new1[0] - old, rtol=1e-3, atol=1e-6)
+    moved += int(np.any(new1[0] != old))
+  assert moved > 10  # the step did update the network
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _params(workdir):
+  return checkpoint.load_pretrained(workdir).params
+
+
+def _history(workdir):
+  with open(os.path.join(workdir, "loss_history.csv")) as f:
+    return f.read().splitlines()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_root):
+  """Two epochs (4 steps at batch 16 on 32 images) on the 4 fake devices."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  summary = train.pretrain(tiny_config(data_root), workdir)
+  return workdir, summary
+
+
+def test_pretrain_writes_outputs(trained):
+  workdir, summary = trained
+  assert summary["step"] == 4 and summary["resumed_from"] is None
+  assert np.isfinite(summary["loss"])
+  assert sorted(int(s) for s in os.listdir(checkpoint.checkpoint_dir(workdir))) == [2, 4]
+  history = _history(workdir)
+  assert history[0] == "step,epoch,loss,contrastive_accuracy,learning_rate"
+  assert [int(row.split(",")[0]) for row in history[1:]] == [1, 2, 3, 4]
+  assert [int(row.split(",")[1]) for row in history[1:]] == [1, 1, 2, 2]
+  assert os.path.getsize(os.path.join(workdir, "training_losses.png")) > 1000
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_resume_equals_uninterrupted(trained, tmp_path, data_root):
+  """Crash after epoch 1 (only its checkpoint survives), rerun: the same final state."""
+  workdir, _ = trained
+  resumed = str(tmp_path / "resumed")
+  os.makedirs(checkpoint.checkpoint_dir(resumed))
+  os.symlink(
+    os.path.join(checkpoint.checkpoint_dir(workdir), "2"),
+    os.path.join(checkpoint.checkpoint_dir(resumed), "2"),
+  )
+  summary = train.pretrain(tiny_config(data_root), resumed)
+  assert summary["resumed_from"] == 2
+  uninterrupted, after_resume = _params(workdir), _params(resumed)
+  for a, b in zip(
+    jax.tree_util.tree_leaves(uninterrupted), jax.tree_util.tree_leaves(after_resume), strict=True
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  full_rows, resumed_rows = _history(workdir), _history(resumed)
+  assert [r.split(",")[0] for r in resumed_rows[1:]] == ["3", "4"]
+  for a, b in zip(full_rows[3:], resumed_rows[1:], strict=True):
+    np.testing.assert_allclose(
+      [float(x) for x in a.split(",")], [float(x) for x in b.split(",")], rtol=1e-5
+    )
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path, data_root):
+  workdir, _ = trained
+  run = str(tmp_path / "nan")
+  os.makedirs(checkpoint.checkpoint_dir(run))
+  os.symlink(
+    os.path.join(checkpoint.checkpoint_dir(workdir), "4"),
+    os.path.join(checkpoint.checkpoint_dir(run), "4"),
+  )
+  config = tiny_config(data_root, num_epochs=3, temperature=0.0)  # logits become inf/nan
+  with pytest.raises(FloatingPointError, match="at step 5.*step 4"):
+    train.pretrain(config, run)
+  assert checkpoint.load_pretrained(run).step == 4
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _run_cli(workdir, data_root, devices, *extra):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  command = [
+    sys.executable,
+    os.path.join(REPO, "run_pretrain.py"),
+    "--config",
+    os.path.join(REPO, "configs", "tiny.py"),
+    "--workdir",
+    workdir,
+    f"--config.data.root={data_root}",
+    *extra,
+  ]
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout + result.stderr
+
+
+def test_cli_end_to_end_and_resume_on_fewer_devices(tmp_path, data_root):
+  """run_pretrain.py on 4 devices writes everything; a second call on 1 device resumes."""
+  workdir = str(tmp_path / "cli")
+  out = _run_cli(workdir, data_root, 4, "--config.num_epochs=1")
+  assert "Pretraining finished at step 2" in out
+  assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ["2"]
+  assert os.path.exists(os.path.join(workdir, "training_losses.png"))
+  assert len(_history(workdir)) == 1 + 2
+
+  out = _run_cli(workdir, data_root, 1, "--config.num_epochs=2")
+  assert "Resuming from the checkpoint of step 2" in out
+  assert "Pretraining finished at step 4" in out
+  assert [r.split(",")[0] for r in _history(workdir)[1:]] == ["1", "2", "3", "4"]
+  assert checkpoint.load_pretrained(workdir).step == 4
+
+
+def test_bad_batch_size_is_a_clear_error(data_root, tmp_path):
+  config = tiny_config(data_root, batch_size=10)  # not a multiple of the 4 devices
+  with pytest.raises(ValueError, match="batch_size=10"):
+    train.pretrain(config, str(tmp_path))

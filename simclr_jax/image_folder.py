@@ -13,6 +13,7 @@ Alpha rule: images with an alpha channel are composited over a white background,
 
 import dataclasses
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -185,7 +186,7 @@ def _report_skipped(paths: list[str], kept: np.ndarray, what: str) -> list[tuple
       decode_image_uint8(tf.io.read_file(paths[i]))
       reason = "failed in the pipeline's decode"
     except (tf.errors.OpError, ValueError) as e:
-      reason = str(e).strip().splitlines()[-1][:200]
+      reason = re.sub(r"\{\{.*?\}\}\s*", "", str(e)).strip().splitlines()[-1][:200]
     skipped.append((paths[i], reason))
     logging.warning("Skipping undecodable image %s: %s", paths[i], reason)
   if skipped:

@@ -154,9 +154,17 @@ def _eval_crop_fraction(data_config: ml_collections.ConfigDict) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Source:
-  """Examples of one split. ``examples(shuffle_seed)`` yields this host's ``(key, label)`` pairs,
-  ``load(key, min_shorter_side)`` turns a key into a uint8 ``[H, W, 3]`` image."""
+class Source:
+  """The examples of one split, as the pipelines read them.
+
+  Attributes:
+    num_examples: examples over all hosts, skipped files excluded.
+    host_examples: this host's share of them.
+    examples: ``examples(seed)`` is a dataset of this host's ``(key, label int32)`` pairs, shuffled
+      by the stateless ``seed`` (int64 ``[2]``) or, with None, in a fixed order.
+    load: ``load(key, min_shorter_side)`` turns a key into a uint8 ``[H, W, 3]`` image.
+    skipped: ``(path, reason)`` of each undecodable file left out.
+  """
 
   num_examples: int  # over all hosts
   host_examples: int
@@ -165,7 +173,7 @@ class _Source:
   skipped: tuple[tuple[str, str], ...] = ()
 
 
-def _indexed_source(labels: np.ndarray, load, skipped=()) -> _Source:
+def _indexed_source(labels: np.ndarray, load, skipped=()) -> Source:
   """A source with random access: shuffles by permuting indices, host ``h`` takes every P-th."""
   n, hosts, host = len(labels), jax.process_count(), jax.process_index()
   labels_t = tf.constant(labels, tf.int32)
@@ -177,7 +185,7 @@ def _indexed_source(labels: np.ndarray, load, skipped=()) -> _Source:
     ds = tf.data.Dataset.from_tensor_slices(order[host::hosts])
     return ds.map(lambda i: (i, labels_t[i]))
 
-  return _Source(n, len(range(host, n, hosts)), examples, load, tuple(skipped))
+  return Source(n, len(range(host, n, hosts)), examples, load, tuple(skipped))
 
 
 @functools.lru_cache(maxsize=8)
@@ -202,8 +210,17 @@ def _cached_tfds(name, split, data_dir, shorter_side):
   cache = image_folder.cache_images(
     ds.enumerate().map(lambda i, ex: (i, ex[0])), int(ds.cardinality()), shorter_side
   )
-  labels = np.concatenate([y for _, y in ds.batch(4096).as_numpy_iterator()])
-  return cache, labels[cache.indices]
+  undecoded = tfds.load(
+    name,
+    split=split,
+    data_dir=data_dir or None,
+    shuffle_files=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+  )
+  labels = np.concatenate(
+    list(undecoded.map(lambda ex: ex["label"]).batch(4096).as_numpy_iterator())
+  )
+  return cache, labels[cache.indices].astype(np.int32)
 
 
 def _load_tfds(name, split, data_dir) -> tf.data.Dataset:
@@ -218,7 +235,7 @@ def _load_tfds(name, split, data_dir) -> tf.data.Dataset:
   return ds.map(to_pair, num_parallel_calls=_AUTOTUNE)
 
 
-def _source(data_config: ml_collections.ConfigDict, split: str) -> _Source:
+def _source(data_config: ml_collections.ConfigDict, split: str) -> Source:
   if data_config.source == "folder":
     root, names = data_config.root, tuple(get_class_names(data_config))
     if data_config.cache:
@@ -248,7 +265,7 @@ def _source(data_config: ml_collections.ConfigDict, split: str) -> _Source:
       shuffle_seed = tf.random.stateless_uniform([], seed, None, None, dtype=tf.int64)
       return host_ds.shuffle(buffer, seed=shuffle_seed)
 
-    return _Source(total, int(host_ds.cardinality()), examples, lambda image, _: image)
+    return Source(total, int(host_ds.cardinality()), examples, lambda image, _: image)
 
   raise ValueError(f"config.data.source={data_config.source!r}; expected 'folder' or 'tfds'.")
 
@@ -404,7 +421,7 @@ class InputIterator(Iterator[dict[str, Any]]):
     num_batches: batches in one pass (eval), or batches per epoch (pretraining).
   """
 
-  def __init__(self, dataset: tf.data.Dataset, source: _Source, num_batches: int, prefetch: int):
+  def __init__(self, dataset: tf.data.Dataset, source: Source, num_batches: int, prefetch: int):
     self._batches = jax_utils.prefetch_to_device(dataset.as_numpy_iterator(), max(1, prefetch))
     self.num_examples = source.num_examples
     self.skipped = list(source.skipped)

@@ -31,6 +31,7 @@ from simclr_jax.image_folder import list_image_folder
 
 __all__ = [
   "InputIterator",
+  "Source",
   "center_crop",
   "create_eval_iterator",
   "create_pretrain_iterator",

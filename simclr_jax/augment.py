@@ -74,9 +74,16 @@ def color_jitter(
   for op_key, (op, lo, hi) in zip(op_keys, ops, strict=True):
     factor = jax.random.uniform(op_key, minval=lo, maxval=hi)
     branches.append(lambda x, op=op, f=factor: jnp.clip(op(x, f), 0.0, 1.0))
-  order = jax.random.permutation(order_key, len(ops))
-  for position in range(len(ops)):
-    image = jax.lax.switch(order[position], branches, image)
+  return apply_in_random_order(order_key, image, branches)
+
+
+def apply_in_random_order(
+  key: jax.Array, image: jax.Array, fns: list[Callable[[jax.Array], jax.Array]]
+) -> jax.Array:
+  """Applies every function in ``fns`` once, in a uniformly random order drawn from ``key``."""
+  order = jax.random.permutation(key, len(fns))
+  for position in range(len(fns)):
+    image = jax.lax.switch(order[position], fns, image)
   return image
 
 

@@ -13,6 +13,7 @@ Alpha rule: images with an alpha channel are composited over a white background,
 
 import dataclasses
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -20,6 +21,7 @@ from absl import logging
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
 _JPEG_RATIOS = (1, 2, 4, 8)  # the DCT scalings libjpeg offers
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _visible(name: str) -> bool:
@@ -113,7 +115,14 @@ def _decode_jpeg(contents: tf.Tensor, min_shorter_side: int | None) -> tf.Tensor
 
 
 def _decode_other(contents: tf.Tensor) -> tf.Tensor:
-  image = tf.io.decode_image(contents, channels=0, dtype=tf.float32, expand_animations=False)
+  # PNG may hold 16 bits per channel; the other decoders only give uint8.
+  image = tf.cond(
+    tf.strings.substr(contents, 0, len(_PNG_SIGNATURE)) == _PNG_SIGNATURE,
+    lambda: tf.image.convert_image_dtype(tf.io.decode_png(contents, dtype=tf.uint16), tf.float32),
+    lambda: tf.image.convert_image_dtype(
+      tf.io.decode_image(contents, channels=0, expand_animations=False), tf.float32
+    ),
+  )
   channels = tf.shape(image)[-1]
   has_alpha = channels % 2 == 0  # grey+alpha or RGBA
   colour = image[..., : channels - tf.cast(has_alpha, tf.int32)]
@@ -164,7 +173,7 @@ def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
   return tf.cond(shorter > size, shrink, lambda: image)
 
 
-def _decoded_indices(dataset: tf.data.Dataset) -> tf.data.Dataset:
+def _decoded(dataset: tf.data.Dataset) -> tf.data.Dataset:
   """Drops the elements whose map raised: a bad file must never stop a whole pass."""
   return dataset.ignore_errors().prefetch(tf.data.AUTOTUNE)
 
@@ -177,7 +186,7 @@ def _report_skipped(paths: list[str], kept: np.ndarray, what: str) -> list[tuple
       decode_image_uint8(tf.io.read_file(paths[i]))
       reason = "failed in the pipeline's decode"
     except (tf.errors.OpError, ValueError) as e:
-      reason = str(e).strip().splitlines()[-1][:200]
+      reason = re.sub(r"\{\{.*?\}\}\s*", "", str(e)).strip().splitlines()[-1][:200]
     skipped.append((paths[i], reason))
     logging.warning("Skipping undecodable image %s: %s", paths[i], reason)
   if skipped:
@@ -203,7 +212,7 @@ def find_undecodable(paths: list[str], *, what: str = "the image list") -> list[
     probe, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
   )
   kept = np.zeros(len(paths), bool)
-  for i, _ in _decoded_indices(ds.batch(256)).as_numpy_iterator():
+  for i, _ in _decoded(ds).batch(256).as_numpy_iterator():
     kept[i] = True
   return _report_skipped(paths, kept, what)
 
@@ -243,7 +252,7 @@ def cache_images(dataset: tf.data.Dataset, num_examples: int, shorter_side: int)
     num_parallel_calls=tf.data.AUTOTUNE,
     deterministic=True,
   )
-  got = {int(i): image for i, image in _decoded_indices(ds)}
+  got = {int(i): image for i, image in _decoded(ds)}
   indices = np.asarray(sorted(got), np.int64)
   if indices.size and indices[-1] >= num_examples:
     raise ValueError(f"Index {indices[-1]} out of range for {num_examples} examples.")

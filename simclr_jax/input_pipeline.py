@@ -8,7 +8,8 @@ Sources (``config.data.source``): ``"folder"``, an ImageFolder tree read by `ima
 Randomness is stateless: epoch ``e`` is shuffled with a seed derived from ``(seed, e)`` and every
 crop from that and the example's position, so a run resumed at ``start_epoch`` sees the same stream.
 Undecodable files are found before the first epoch (``config.data.check_files``, or while filling
-the cache), logged by path and left out; a file that fails later is dropped, not fatal.
+the cache), logged by path and left out; a file that fails later is dropped, not fatal. The check
+and the cache are made once per process for each folder split (or TFDS split) and then reused.
 Flip, colour and blur run on device afterwards (`simclr_jax.augment`).
 """
 
@@ -30,6 +31,7 @@ from simclr_jax.image_folder import list_image_folder
 
 __all__ = [
   "InputIterator",
+  "Source",
   "center_crop",
   "create_eval_iterator",
   "create_pretrain_iterator",
@@ -94,8 +96,16 @@ def sample_crop_window(
 
 
 def _resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
-  """uint8 ``[h, w, 3]`` -> float32 ``[size, size, 3]`` in [0, 1] (antialiased when shrinking)."""
-  out = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+  """uint8 ``[h, w, 3]`` -> float32 ``[size, size, 3]`` in [0, 1], bilinear.
+
+  Shrinking by more than 2x would skip source pixels and alias, so it is antialiased; below that
+  plain bilinear interpolation already weighs every source pixel, at a fraction of the cost.
+  """
+
+  def resize(antialias):
+    return lambda: tf.image.resize(image, [size, size], method="bilinear", antialias=antialias)
+
+  out = tf.cond(tf.reduce_max(tf.shape(image)[:2]) > 2 * size, resize(True), resize(False))
   return tf.clip_by_value(out / 255.0, 0.0, 1.0)
 
 
@@ -145,9 +155,17 @@ def _eval_crop_fraction(data_config: ml_collections.ConfigDict) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Source:
-  """Examples of one split. ``examples(shuffle_seed)`` yields this host's ``(key, label)`` pairs,
-  ``load(key, min_shorter_side)`` turns a key into a uint8 ``[H, W, 3]`` image."""
+class Source:
+  """The examples of one split, as the pipelines read them.
+
+  Attributes:
+    num_examples: examples over all hosts, skipped files excluded.
+    host_examples: this host's share of them.
+    examples: ``examples(seed)`` is a dataset of this host's ``(key, label int32)`` pairs, shuffled
+      by the stateless ``seed`` (int64 ``[2]``) or, with None, in a fixed order.
+    load: ``load(key, min_shorter_side)`` turns a key into a uint8 ``[H, W, 3]`` image.
+    skipped: ``(path, reason)`` of each undecodable file left out.
+  """
 
   num_examples: int  # over all hosts
   host_examples: int
@@ -156,7 +174,7 @@ class _Source:
   skipped: tuple[tuple[str, str], ...] = ()
 
 
-def _indexed_source(labels: np.ndarray, load, skipped=()) -> _Source:
+def _indexed_source(labels: np.ndarray, load, skipped=()) -> Source:
   """A source with random access: shuffles by permuting indices, host ``h`` takes every P-th."""
   n, hosts, host = len(labels), jax.process_count(), jax.process_index()
   labels_t = tf.constant(labels, tf.int32)
@@ -168,7 +186,7 @@ def _indexed_source(labels: np.ndarray, load, skipped=()) -> _Source:
     ds = tf.data.Dataset.from_tensor_slices(order[host::hosts])
     return ds.map(lambda i: (i, labels_t[i]))
 
-  return _Source(n, len(range(host, n, hosts)), examples, load, tuple(skipped))
+  return Source(n, len(range(host, n, hosts)), examples, load, tuple(skipped))
 
 
 @functools.lru_cache(maxsize=8)
@@ -193,8 +211,17 @@ def _cached_tfds(name, split, data_dir, shorter_side):
   cache = image_folder.cache_images(
     ds.enumerate().map(lambda i, ex: (i, ex[0])), int(ds.cardinality()), shorter_side
   )
-  labels = np.concatenate([y for _, y in ds.batch(4096).as_numpy_iterator()])
-  return cache, labels[cache.indices]
+  undecoded = tfds.load(
+    name,
+    split=split,
+    data_dir=data_dir or None,
+    shuffle_files=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+  )
+  labels = np.concatenate(
+    list(undecoded.map(lambda ex: ex["label"]).batch(4096).as_numpy_iterator())
+  )
+  return cache, labels[cache.indices].astype(np.int32)
 
 
 def _load_tfds(name, split, data_dir) -> tf.data.Dataset:
@@ -209,7 +236,7 @@ def _load_tfds(name, split, data_dir) -> tf.data.Dataset:
   return ds.map(to_pair, num_parallel_calls=_AUTOTUNE)
 
 
-def _source(data_config: ml_collections.ConfigDict, split: str) -> _Source:
+def _source(data_config: ml_collections.ConfigDict, split: str) -> Source:
   if data_config.source == "folder":
     root, names = data_config.root, tuple(get_class_names(data_config))
     if data_config.cache:
@@ -239,7 +266,7 @@ def _source(data_config: ml_collections.ConfigDict, split: str) -> _Source:
       shuffle_seed = tf.random.stateless_uniform([], seed, None, None, dtype=tf.int64)
       return host_ds.shuffle(buffer, seed=shuffle_seed)
 
-    return _Source(total, int(host_ds.cardinality()), examples, lambda image, _: image)
+    return Source(total, int(host_ds.cardinality()), examples, lambda image, _: image)
 
   raise ValueError(f"config.data.source={data_config.source!r}; expected 'folder' or 'tfds'.")
 
@@ -339,7 +366,8 @@ def pretrain_dataset(config: ml_collections.ConfigDict, *, seed: int, start_epoc
     return {"view1": view1, "view2": view2, "label": label}
 
   ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch)
-  ds = ds.map(views, num_parallel_calls=_AUTOTUNE, deterministic=True).ignore_errors()
+  ds = ds.map(views, num_parallel_calls=_AUTOTUNE, deterministic=True)
+  ds = ds.ignore_errors(log_warning=True)
   ds = ds.batch(local_batch, drop_remainder=True).map(_shard_for_devices)
   return ds.prefetch(_AUTOTUNE), source
 
@@ -379,7 +407,8 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: i
   ds = source.examples(None).map(transform, num_parallel_calls=_AUTOTUNE, deterministic=True)
   # A file that fails now is dropped; the generous padding keeps the batch count fixed anyway.
   padding = num_batches * local_batch - source.host_examples + local_batch
-  ds = ds.ignore_errors().concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
+  ds = ds.ignore_errors(log_warning=True)
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
   ds = ds.batch(local_batch, drop_remainder=True).take(num_batches).map(_shard_for_devices)
   return ds.prefetch(_AUTOTUNE), source, num_batches
 
@@ -393,7 +422,7 @@ class InputIterator(Iterator[dict[str, Any]]):
     num_batches: batches in one pass (eval), or batches per epoch (pretraining).
   """
 
-  def __init__(self, dataset: tf.data.Dataset, source: _Source, num_batches: int, prefetch: int):
+  def __init__(self, dataset: tf.data.Dataset, source: Source, num_batches: int, prefetch: int):
     self._batches = jax_utils.prefetch_to_device(dataset.as_numpy_iterator(), max(1, prefetch))
     self.num_examples = source.num_examples
     self.skipped = list(source.skipped)

@@ -195,6 +195,8 @@ def test_randomness_differs_per_example_view_device_and_step():
   assert devices == 4  # tests/conftest.py
   images = jnp.broadcast_to(colourful()[0], (devices, 2, SIZE, SIZE, 3))
   config = default.get_config().augment
+  # Always jitter: otherwise two examples may both draw "leave unchanged" and coincide.
+  config.view1.color_jitter_prob = config.view2.color_jitter_prob = 1.0
 
   def step(key, step, x):
     key = jax.random.fold_in(jax.random.fold_in(key, step), jax.lax.axis_index("batch"))

@@ -60,7 +60,7 @@ def test_replicated_save_restores_on_one_device(tmp_path):
   restored = checkpoint.restore_state(manager, toy_state(0.0))
   kernel = restored["params"]["dense"]["kernel"]
   np.testing.assert_array_equal(kernel, np.full((3, 2), 5.0))
-  assert len(kernel.devices()) == 1
+  assert isinstance(kernel, np.ndarray)  # host memory: no device layout to match
   manager.close()
 
 

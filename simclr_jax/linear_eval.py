@@ -177,6 +177,11 @@ def evaluate_layer(
 ) -> tuple[dict[str, Any], np.ndarray]:
   """Trains the probe on one layer's labelled features and scores it and kNN on the test split.
 
+  Args:
+    train_features: float [N, D], the labelled subset; train_labels: int [N], every class present.
+    test_features: float [M, D]; test_labels: int [M].
+    num_classes: C; classifier: one of `CLASSIFIERS`; seed: seed of the SGD probe.
+
   Returns:
     ({'top1', ['top5'], 'knn': {'k20': {'k', 'top1'[, 'top5']}, 'k200': ...}}, test predictions
     int [M]). A kNN entry's 'k' is the number of neighbours used (at most the labelled examples).
@@ -194,8 +199,8 @@ def evaluate_layer(
   result: dict[str, Any] = probes.accuracies(probabilities, test_labels)
   result["knn"] = {}
   for k in KNN_KS:
-    votes = probes.knn_probabilities(train_features, train_labels, test_features, k=k)
     used = min(k, len(train_labels))
+    votes = probes.knn_probabilities(train_features, train_labels, test_features, k=used)
     result["knn"][f"k{k}"] = {"k": used, **probes.accuracies(votes, test_labels)}
   return result, probabilities.argmax(axis=1)
 

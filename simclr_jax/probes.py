@@ -136,14 +136,14 @@ def knn_probabilities(
   Args:
     train_features, test_features: float [N, D], [M, D]; zero rows count as similarity 0.
     train_labels: int [N], covering every class.
-    k: neighbours, capped at N.
+    k: neighbours, in [1, N].
     temperature: T > 0.
 
   Returns:
     float [M, C]: each class's share of the votes.
   """
   knn = KNeighborsClassifier(
-    n_neighbors=min(k, len(train_labels)),
+    n_neighbors=k,
     metric="cosine",
     algorithm="brute",
     weights=lambda distance: np.exp((1.0 - distance) / temperature),

@@ -1,9 +1,56 @@
-"""Linear probe on frozen features: not built yet (issue 5).
+"""Linear evaluation of a pretraining run: `python run_linear.py --workdir DIR`.
 
-This placeholder exits with an error instead of pretending to evaluate.
+Rebuilds the model from the latest (or `--step`) checkpoint in DIR, probes the frozen features
+of the train split with a `--label_fraction` of its labels, scores the test split and writes
+`DIR/linear/{results.json,confusion_matrix.png[,acc_vs_layer.png]}`.
 """
 
-import sys
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "The pretraining workdir (holds checkpoints/).")
+flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
+flags.DEFINE_string("data_root", None, "Image folder root; default the one pretraining used.")
+flags.DEFINE_float("label_fraction", 0.1, "Fraction of training labels (stratified), in (0, 1].")
+flags.DEFINE_integer(
+  "remove_top_layers", None, "Probe the head with its top K layers dropped (0: z); default h."
+)
+flags.DEFINE_bool("sweep_layers", False, "Probe every depth from h to z; draw acc_vs_layer.png.")
+flags.DEFINE_enum(
+  "classifier", "logistic", ["logistic", "linear_sgd"], "scikit-learn or optax SGD probe."
+)
+flags.DEFINE_integer("batch_size", 256, "Feature-extraction batch size (features do not depend).")
+flags.DEFINE_integer("seed", 0, "Seed of the label subset and of the SGD probe.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import tensorflow as tf
+
+  # tf.data only: keep TensorFlow off the accelerators so JAX has all their memory.
+  tf.config.set_visible_devices([], "GPU")
+  from simclr_jax import linear_eval, probe_reports
+
+  logging.set_verbosity(logging.WARNING)
+  results = linear_eval.run_linear_probe(
+    FLAGS.workdir,
+    step=FLAGS.step,
+    data_root=FLAGS.data_root,
+    label_fraction=FLAGS.label_fraction,
+    remove_top_layers=FLAGS.remove_top_layers,
+    sweep_layers=FLAGS.sweep_layers,
+    classifier=FLAGS.classifier,
+    batch_size=FLAGS.batch_size,
+    seed=FLAGS.seed,
+  )
+  print(probe_reports.format_summary(results))
+
 
 if __name__ == "__main__":
-  sys.exit("run_linear.py: the linear probe is not implemented yet (see README, Status).")
+  app.run(main)

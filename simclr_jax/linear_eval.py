@@ -1,0 +1,373 @@
+"""Linear evaluation of a pretraining checkpoint: frozen features, a linear probe, kNN (SimCLR §4).
+
+The encoder is frozen: BN runs in inference mode on its running statistics and images get the
+deterministic evaluation transform, so each image's features do not depend on the batch size or
+the device count (beyond float32 rounding: XLA picks its kernels by shape, ~1e-7 relative).
+The probe reads the encoder features h by default (the paper's protocol) or any head layer
+(SimCLR §4.2, Fig. 8; the seed's `remove_top_layers`). "Depth" below is the number of
+projection-head layers kept: 0 is h, L (the head's layer count) is z.
+
+    results = linear_eval.run_linear_probe("runs/imagenet5", label_fraction=0.1)
+"""
+
+import functools
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from sklearn import metrics
+from sklearn.model_selection import train_test_split
+
+from simclr_jax import checkpoint, input_pipeline, models, probe_reports, probes, train
+
+CLASSIFIERS = ("logistic", "linear_sgd")
+KNN_KS = (20, 200)
+
+
+def layer_name(depth: int, num_head_layers: int) -> str:
+  """'h' for depth 0, 'z' for the full head, else 'head layer <depth>'."""
+  if depth == 0:
+    return "h"
+  return "z" if depth == num_head_layers else f"head layer {depth}"
+
+
+def probe_depth(num_head_layers: int, remove_top_layers: int | None) -> int:
+  """Head layers kept for the seed's `remove_top_layers` K: L - K; None means h (depth 0).
+
+  Raises:
+    ValueError: K outside [0, L].
+  """
+  if remove_top_layers is None:
+    return 0
+  if not 0 <= remove_top_layers <= num_head_layers:
+    raise ValueError(
+      f"remove_top_layers={remove_top_layers} must be in [0, {num_head_layers}] (the head has "
+      f"{num_head_layers} layers; 0 keeps the full head, {num_head_layers} leaves h)."
+    )
+  return num_head_layers - remove_top_layers
+
+
+@functools.lru_cache(maxsize=8)
+def _layers_fn(model: models.SimCLRModel, depths: tuple[int, ...]):
+  """Pmapped frozen forward pass returning the layers at `depths`; cached so it compiles once."""
+
+  def layers(variables, images):
+    _, aux = model.apply(variables, images, train=False)
+    every = (aux["features"], *aux["head_layers"])
+    return tuple(every[d] for d in depths)
+
+  return jax.pmap(layers)
+
+
+def extract_features(
+  model: models.SimCLRModel,
+  variables: dict[str, Any],
+  config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  batch_size: int,
+  depths: tuple[int, ...] = (0,),
+) -> tuple[dict[int, np.ndarray], np.ndarray]:
+  """Frozen features of every example of `split`, each exactly once (padding dropped by mask).
+
+  Args:
+    model: from `models.build_model` (any `axis_name`; BN runs on running statistics).
+    variables: {'params', 'batch_stats'} host or device arrays, unreplicated; left unchanged.
+    config: full config; reads `config.data` (see `input_pipeline.eval_dataset`).
+    split: split name, e.g. `config.data.eval_split`.
+    batch_size: global batch; rounded up to a multiple of the device count. Does not change the
+      features.
+    depths: head layers kept for each wanted layer, each in [0, L].
+
+  Returns:
+    ({depth: float32 [N, D_depth]}, labels int32 [N]), N the split's decodable examples over all
+    hosts, in the input pipeline's order.
+
+  Raises:
+    ValueError: the errors of `input_pipeline.create_eval_iterator` (missing root or split, ...).
+  """
+  devices = jax.device_count()
+  batch_size = math.ceil(batch_size / devices) * devices
+  batches = input_pipeline.create_eval_iterator(config, split, batch_size=batch_size)
+  apply = _layers_fn(model, tuple(depths))
+  replicated = train.replicate(variables)
+  # Fetched per batch so device memory holds one batch of features, not the split's.
+  outputs = [
+    jax.device_get((apply(replicated, batch["image"]), batch["label"], batch["mask"]))
+    for batch in batches
+  ]
+
+  def rows(arrays):
+    return np.concatenate([np.reshape(a, (-1, *np.shape(a)[2:])) for a in arrays])
+
+  mask = rows([m for _, _, m in outputs])
+  labels = rows([y for _, y, _ in outputs])
+  layers = [rows([o[i] for o, _, _ in outputs]) for i in range(len(depths))]
+  if jax.process_count() > 1:
+    mask, labels, *layers = multihost_utils.process_allgather((mask, labels, *layers), tiled=True)
+  if mask.sum() < batches.num_examples:
+    logging.warning(
+      "%s: %d of %d examples could be read", split, int(mask.sum()), batches.num_examples
+    )
+  features = {d: np.asarray(x[mask], np.float32) for d, x in zip(depths, layers, strict=True)}
+  return features, np.asarray(labels[mask], np.int32)
+
+
+def label_subset(
+  labels: np.ndarray, fraction: float, *, num_classes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """A stratified, seeded subset of the labelled examples (the seed's 10% protocol).
+
+  Each class keeps about `fraction` of its examples (floor or ceil, sklearn's stratified split;
+  floor(fraction * N) in all).
+
+  Args:
+    labels: int [N] in [0, num_classes).
+    fraction: in (0, 1]; 1 keeps every example.
+    num_classes: number of classes C.
+    seed: seed of the draw.
+
+  Returns:
+    (indices int64 [M] sorted, counts int64 [C]: kept examples per class).
+
+  Raises:
+    ValueError: fraction outside (0, 1], a class without examples, or a fraction that leaves a
+      class without examples (naming the classes).
+  """
+  if not 0 < fraction <= 1:
+    raise ValueError(f"label_fraction={fraction} must be in (0, 1].")
+  labels = np.asarray(labels)
+  totals = np.bincount(labels, minlength=num_classes)
+  if (totals == 0).any():
+    raise ValueError(f"classes {np.flatnonzero(totals == 0).tolist()} have no training examples.")
+  hint = (
+    f"label_fraction={fraction} leaves a class without labelled examples (examples per class: "
+    f"{totals.tolist()}); each class needs fraction x its count >= 1, i.e. about "
+    f"{1 / totals.min():.3g} or more."
+  )
+  indices = np.arange(len(labels))
+  if fraction < 1:
+    try:
+      indices, _ = train_test_split(
+        indices, train_size=fraction, stratify=labels, random_state=seed
+      )
+    except ValueError as e:
+      raise ValueError(hint) from e
+  counts = np.bincount(labels[indices], minlength=num_classes)
+  if (counts == 0).any():
+    raise ValueError(f"{hint} Empty: classes {np.flatnonzero(counts == 0).tolist()}.")
+  return np.sort(indices), counts
+
+
+def evaluate_layer(
+  train_features: np.ndarray,
+  train_labels: np.ndarray,
+  test_features: np.ndarray,
+  test_labels: np.ndarray,
+  *,
+  num_classes: int,
+  classifier: str = "logistic",
+  seed: int = 0,
+) -> tuple[dict[str, Any], np.ndarray]:
+  """Trains the probe on one layer's labelled features and scores it and kNN on the test split.
+
+  Args:
+    train_features: float [N, D], the labelled subset; train_labels: int [N], every class present.
+    test_features: float [M, D]; test_labels: int [M].
+    num_classes: C; classifier: one of `CLASSIFIERS`; seed: seed of the SGD probe.
+
+  Returns:
+    ({'top1', ['top5'], 'knn': {'k20': {'k', 'top1'[, 'top5']}, 'k200': ...}}, test predictions
+    int [M]). A kNN entry's 'k' is the number of neighbours used (at most the labelled examples).
+
+  Raises:
+    ValueError: unknown classifier.
+  """
+  if classifier == "logistic":
+    probe = probes.fit_logistic(train_features, train_labels)
+  elif classifier == "linear_sgd":
+    probe = probes.fit_linear_sgd(train_features, train_labels, num_classes=num_classes, seed=seed)
+  else:
+    raise ValueError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
+  probabilities = probe(test_features)
+  result: dict[str, Any] = probes.accuracies(probabilities, test_labels)
+  result["knn"] = {}
+  for k in KNN_KS:
+    used = min(k, len(train_labels))
+    votes = probes.knn_probabilities(train_features, train_labels, test_features, k=used)
+    result["knn"][f"k{k}"] = {"k": used, **probes.accuracies(votes, test_labels)}
+  return result, probabilities.argmax(axis=1)
+
+
+def _data_config(pretrained: checkpoint.Pretrained, data_root: str | None):
+  """The pretraining config with `data_root` swapped in, and its class names, checked."""
+  config = ml_collections.ConfigDict(pretrained.config.to_dict())
+  if data_root:
+    if config.data.source == "tfds":
+      config.data.tfds_data_dir = data_root
+    else:
+      config.data.root = data_root
+  try:
+    names = input_pipeline.get_class_names(config.data)
+  except ValueError as e:
+    raise ValueError(
+      f"{e} (data root from {'data_root' if data_root else 'the checkpoint'})"
+    ) from e
+  if names != pretrained.class_names:
+    expected = pretrained.class_names
+    raise ValueError(
+      f"The classes of data root {data_root or config.data.root!r} do not match the "
+      f"checkpoint's: missing {sorted(set(expected) - set(names))}, unexpected "
+      f"{sorted(set(names) - set(expected))} (checkpoint: {expected}, data: {names})."
+    )
+  return config, names
+
+
+def run_linear_probe(
+  workdir: str,
+  *,
+  step: int | None = None,
+  data_root: str | None = None,
+  label_fraction: float = 0.1,
+  remove_top_layers: int | None = None,
+  sweep_layers: bool = False,
+  classifier: str = "logistic",
+  batch_size: int = 256,
+  seed: int = 0,
+  output_dir: str | None = None,
+) -> dict[str, Any]:
+  """Linear evaluation of a pretraining run, from its checkpoint alone (SimCLR §4; the seed's).
+
+  Trains the probe on the train split's features (a `label_fraction` subset of the labels) and
+  scores it on the test split (`config.data.eval_split`), every test example once.
+
+  Args:
+    workdir: the pretraining `--workdir`.
+    step: checkpoint step; None for the latest.
+    data_root: image folder root (TFDS data dir for TFDS runs); None uses pretraining's.
+    label_fraction: in (0, 1], stratified and seeded by `seed`.
+    remove_top_layers: probe the head with its top K layers dropped (K = 0: z); None probes h.
+    sweep_layers: also evaluate every depth from h to z and draw `acc_vs_layer.png`.
+    classifier: 'logistic' (scikit-learn, the seed's) or 'linear_sgd' (optax, the paper's).
+    batch_size: feature-extraction batch; does not change the features.
+    seed: seed of the label subset and of the SGD probe.
+    output_dir: where to write; default `<workdir>/linear`.
+
+  Returns:
+    The contents of `results.json`: 'settings', 'top1' (and 'top5' with >= 10 classes), 'knn',
+    'per_class' (sklearn's classification report), 'confusion_matrix' (rows: true class),
+    'sweep' (one entry per depth when sweeping), plus 'report_markdown' and 'files'.
+
+  Raises:
+    FileNotFoundError: no checkpoint (or not that step) in `workdir`.
+    ValueError: classes of the data differ from the checkpoint's, bad label fraction,
+      `remove_top_layers` or classifier, and the input pipeline's errors.
+  """
+  if classifier not in CLASSIFIERS:
+    raise ValueError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
+  pretrained = checkpoint.load_pretrained(workdir, step)
+  config, class_names = _data_config(pretrained, data_root)
+  num_classes = len(class_names)
+  num_layers = config.model.head.num_layers
+  depth = probe_depth(num_layers, remove_top_layers)
+  depths = tuple(range(num_layers + 1)) if sweep_layers else (depth,)
+
+  model = models.build_model(config.model, image_size=config.data.image_size)
+  variables = {"params": pretrained.params, "batch_stats": pretrained.batch_stats}
+  extract = functools.partial(
+    extract_features, model, variables, config, batch_size=batch_size, depths=depths
+  )
+  train_features, train_labels = extract(config.data.train_split)
+  subset, counts = label_subset(train_labels, label_fraction, num_classes=num_classes, seed=seed)
+  test_features, test_labels = extract(config.data.eval_split)
+
+  evaluations = {}
+  for d in depths:
+    evaluations[d] = evaluate_layer(
+      train_features[d][subset],
+      train_labels[subset],
+      test_features[d],
+      test_labels,
+      num_classes=num_classes,
+      classifier=classifier,
+      seed=seed,
+    )
+  result, predictions = evaluations[depth]
+  results: dict[str, Any] = {
+    "settings": {
+      "workdir": os.path.abspath(workdir),
+      "step": pretrained.step,
+      "data_source": config.data.source,
+      "data_root": config.data.root if config.data.source == "folder" else config.data.tfds_name,
+      "train_split": config.data.train_split,
+      "test_split": config.data.eval_split,
+      "image_size": config.data.image_size,
+      "classifier": classifier,
+      "layer": layer_name(depth, num_layers),
+      "head_layers_kept": depth,
+      "remove_top_layers": num_layers - depth,
+      "feature_dim": int(train_features[depth].shape[1]),
+      "label_fraction": label_fraction,
+      "seed": seed,
+      "batch_size": batch_size,
+      "knn_temperature": probes.KNN_TEMPERATURE,
+      "num_train": len(train_labels),
+      "num_labelled": len(subset),
+      "labelled_per_class": dict(zip(class_names, counts.tolist(), strict=True)),
+      "num_test": len(test_labels),
+      "num_classes": num_classes,
+    },
+    **result,
+    "per_class": probe_reports.classification_table(test_labels, predictions, class_names),
+    "confusion_matrix": metrics.confusion_matrix(
+      test_labels, predictions, labels=np.arange(num_classes)
+    ).tolist(),
+  }
+  if sweep_layers:
+    results["sweep"] = [
+      {
+        "head_layers_kept": d,
+        "remove_top_layers": num_layers - d,
+        "layer": layer_name(d, num_layers),
+        "feature_dim": int(train_features[d].shape[1]),
+        **evaluations[d][0],
+      }
+      for d in depths
+    ]
+  results["report_markdown"] = probe_reports.markdown_table(results["per_class"])
+  results["files"] = {}
+  if jax.process_index() == 0:
+    _write_outputs(results, output_dir or os.path.join(workdir, "linear"), class_names)
+  return results
+
+
+def _write_outputs(results: dict[str, Any], output_dir: str, class_names: list[str]) -> None:
+  """Writes the figures and results.json (which lists them) into `output_dir`."""
+  os.makedirs(output_dir, exist_ok=True)
+  settings = results["settings"]
+  files = results["files"]
+  files["results"] = os.path.join(output_dir, "results.json")
+  files["confusion_matrix"] = os.path.join(output_dir, "confusion_matrix.png")
+  probe_reports.plot_confusion_matrix(
+    np.asarray(results["confusion_matrix"]),
+    class_names,
+    files["confusion_matrix"],
+    title=f"{settings['classifier']} probe on {settings['layer']}: top-1 {results['top1']:.1%}",
+  )
+  if "sweep" in results:
+    files["acc_vs_layer"] = os.path.join(output_dir, "acc_vs_layer.png")
+    probe_reports.plot_accuracy_vs_layer(
+      results["sweep"],
+      files["acc_vs_layer"],
+      classifier=settings["classifier"],
+      chance=1 / settings["num_classes"],
+    )
+  with open(files["results"] + ".tmp", "w") as f:
+    json.dump(results, f, indent=2)
+  os.replace(files["results"] + ".tmp", files["results"])

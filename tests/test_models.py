@@ -309,3 +309,24 @@ def test_build_model_rejects_bad_values(field, value):
   setattr(config.head if section else config, name, value)
   with pytest.raises(ValueError, match=f"model.{field}={value!r}"):
     models.build_model(config, image_size=32)
+
+
+@pytest.mark.parametrize("hw,strides", [(2, 1), (3, 2), (4, 2), (1, 1), (6, 1), (9, 2)])
+def test_conv_equals_flax_conv_on_every_path(hw, strides):
+  """models.Conv (shifted-matmul path for outputs <= 2x2) == nn.Conv, values and gradients."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, hw, hw, 5))
+  ours = models.Conv(7, (3, 3), strides, padding=1)
+  ref = nn.Conv(7, (3, 3), strides, padding=1, use_bias=False)
+  params = ours.init(jax.random.PRNGKey(1), x)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+    ref.init(jax.random.PRNGKey(1), x)
+  )
+
+  def loss(module, p, x):
+    return jnp.sum(jnp.sin(module.apply(p, x)))
+
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  g_ours = jax.grad(loss, argnums=(1, 2))(ours, params, x)
+  g_ref = jax.grad(loss, argnums=(1, 2))(ref, params, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_ref), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,116 @@
+"""Steady-state throughput of the pmapped SimCLR train step, with compile time reported apart.
+
+    python -m benchmarks.train_step                      # the standard table
+    python -m benchmarks.train_step --cases r18:64:128   # depth:pixels:global_batch[:cifar]
+
+For each case: compile seconds, seconds per step (median of timed steps after warm-up), image
+pairs per second, FLOPs per pair from XLA's cost analysis of the compiled step, achieved FLOP/s.
+The step is the real one (`train.make_train_step`: augmentation, both views through the
+encoder, NT-Xent over all devices, LARS update), fed with a fixed on-device batch so the input
+pipeline is not measured here (see `benchmarks/input_pipeline.py`).
+"""
+
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from configs import default  # noqa: E402
+from simclr_jax import models, optim, train  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list(
+  "cases",
+  ["r18:96:64", "r18:224:32", "r50:224:16", "r18:32:256:cifar"],
+  "depth:image_px:global_batch[:cifar] per case.",
+)
+flags.DEFINE_integer("steps", 5, "Timed steps per case (after 2 warm-up steps).")
+flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
+
+
+def _config(depth: int, size: int, batch: int, cifar: bool):
+  config = default.get_config()
+  config.model.depth = depth
+  config.model.cifar_stem = cifar
+  config.model.dtype = FLAGS.dtype
+  config.data.image_size = size
+  config.batch_size = batch
+  return config
+
+
+def _flops(p_step, args) -> float:
+  try:
+    cost = p_step.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", float("nan")))
+  except Exception:  # cost analysis is best effort on some backends
+    return float("nan")
+
+
+def run_case(spec: str) -> dict:
+  parts = spec.split(":")
+  depth, size, batch = int(parts[0].lstrip("r")), int(parts[1]), int(parts[2])
+  cifar = len(parts) > 3 and parts[3] == "cifar"
+  config = _config(depth, size, batch, cifar)
+  devices = jax.local_device_count()
+  schedule = optim.warmup_cosine(
+    config.optim, batch_size=batch, steps_per_epoch=100, num_epochs=100
+  )
+  model = models.build_model(config.model, image_size=size, axis_name=train.AXIS_NAME)
+  state = train.replicate(train.create_train_state(config, model, jax.random.PRNGKey(0), schedule))
+  rng = np.random.default_rng(0)
+  shape = (devices, batch // devices, size, size, 3)
+  batch_arrays = {
+    "view1": jax.device_put(rng.uniform(size=shape).astype(np.float32)),
+    "view2": jax.device_put(rng.uniform(size=shape).astype(np.float32)),
+  }
+  key = jax.random.PRNGKey(1)
+  p_step = train.make_train_step(config, schedule)
+
+  start = time.perf_counter()
+  state, metrics = p_step(state, batch_arrays, key)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - start
+  flops = _flops(p_step, (state, batch_arrays, key)) * devices  # cost is per device
+  state, metrics = p_step(state, batch_arrays, key)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    state, metrics = p_step(state, batch_arrays, key)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  return {
+    "case": f"ResNet-{depth}{' CIFAR' if cifar else ''} {size}px",
+    "batch": batch,
+    "compile_s": compile_s,
+    "step_s": step_s,
+    "pairs_s": batch / step_s,
+    "gflop_pair": flops / batch / 1e9,
+    "gflop_s": flops / step_s / 1e9,
+  }
+
+
+def main(argv):
+  del argv
+  print(f"devices: {jax.devices()}  dtype: {FLAGS.dtype}")
+  header = "| case | batch | compile s | step s | pairs/s | GFLOP/pair | GFLOP/s |"
+  print(header)
+  print("|" + "---|" * 7)
+  for spec in FLAGS.cases:
+    r = run_case(spec)
+    print(
+      f"| {r['case']} | {r['batch']} | {r['compile_s']:.1f} | {r['step_s']:.3f} | "
+      f"{r['pairs_s']:.1f} | {r['gflop_pair']:.2f} | {r['gflop_s']:.1f} |",
+      flush=True,
+    )
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -22,17 +22,18 @@ def get_config():
   config.data.image_size = 64
   config.data.cache = True
   config.data.cache_shorter_side = 80
-  config.batch_size = 125
+  config.batch_size = 128
   config.num_epochs = 100
   config.temperature = 0.2
-  config.checkpoint_every_epochs = 5
-  config.log_every_steps = 5
+  config.checkpoint_every_epochs = 10
+  config.log_every_steps = 9
+  config.plot_every_steps = 90
   config.model.depth = 18
-  config.model.cifar_stem = False
   config.optim.name = "lars"
-  config.optim.base_lr = 1.0
+  config.optim.lr_scaling = "sqrt"  # small batches: 0.075 x sqrt(B) (SimCLR Appendix B.1)
+  config.optim.base_lr = 0.075
   config.optim.weight_decay = 1e-6
-  config.optim.warmup_epochs = 5
+  config.optim.warmup_epochs = 10
   for view in (config.augment.view1, config.augment.view2):
-    view.color_jitter_strength = 0.5
+    view.blur_prob = 0.0  # low resolution, as the CIFAR recipe
   return config

@@ -16,6 +16,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, loss history and plots.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (one process per host).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--multihost).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (--multihost).")
+flags.DEFINE_integer("process_id", None, "This process's index (--multihost).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,7 +43,12 @@ def main(argv):
   import jax
 
   if FLAGS.multihost:
-    jax.distributed.initialize()
+    # Unset values are auto-detected from the cluster (SLURM, Open MPI, Cloud TPU, ...).
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
   from simclr_jax import train
 
   logging.info("JAX processes: %d, local devices: %s", jax.process_count(), jax.local_devices())

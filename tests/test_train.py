@@ -122,6 +122,17 @@ def _params(workdir):
   return checkpoint.load_pretrained(workdir).params
 
 
+def _workdir_holding(tmp_path, name, source_workdir, step) -> str:
+  """A fresh workdir whose only checkpoint is `step` of `source_workdir` (a crash after it)."""
+  run = str(tmp_path / name)
+  os.makedirs(checkpoint.checkpoint_dir(run))
+  os.symlink(
+    os.path.join(checkpoint.checkpoint_dir(source_workdir), str(step)),
+    os.path.join(checkpoint.checkpoint_dir(run), str(step)),
+  )
+  return run
+
+
 def _history(workdir):
   with open(os.path.join(workdir, "loss_history.csv")) as f:
     return f.read().splitlines()
@@ -151,12 +162,7 @@ def test_pretrain_writes_outputs(trained):
 def test_resume_equals_uninterrupted(trained, tmp_path, data_root):
   """Crash after epoch 1 (only its checkpoint survives), rerun: the same final state."""
   workdir, _ = trained
-  resumed = str(tmp_path / "resumed")
-  os.makedirs(checkpoint.checkpoint_dir(resumed))
-  os.symlink(
-    os.path.join(checkpoint.checkpoint_dir(workdir), "2"),
-    os.path.join(checkpoint.checkpoint_dir(resumed), "2"),
-  )
+  resumed = _workdir_holding(tmp_path, "resumed", workdir, 2)
   summary = train.pretrain(tiny_config(data_root), resumed)
   assert summary["resumed_from"] == 2
   uninterrupted, after_resume = _params(workdir), _params(resumed)
@@ -174,12 +180,7 @@ def test_resume_equals_uninterrupted(trained, tmp_path, data_root):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path, data_root):
   workdir, _ = trained
-  run = str(tmp_path / "nan")
-  os.makedirs(checkpoint.checkpoint_dir(run))
-  os.symlink(
-    os.path.join(checkpoint.checkpoint_dir(workdir), "4"),
-    os.path.join(checkpoint.checkpoint_dir(run), "4"),
-  )
+  run = _workdir_holding(tmp_path, "nan", workdir, 4)
   config = tiny_config(data_root, num_epochs=3, temperature=0.0)  # logits become inf/nan
   with pytest.raises(FloatingPointError, match="at step 5.*step 4"):
     train.pretrain(config, run)

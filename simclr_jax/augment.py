@@ -177,19 +177,26 @@ def augment_batch(
   view_config: ml_collections.ConfigDict,
   *,
   normalize: bool = False,
+  example_ids: jax.Array | None = None,
 ) -> jax.Array:
-  """`augment_image` on each image with its own key (``split(rng, B)``), vmapped; jittable.
+  """`augment_image` on each image with its own key, vmapped; jittable.
 
   Args:
-    rng: PRNG key; fold the step and device index into it first so they differ.
+    rng: PRNG key; fold the step (and, without `example_ids`, the device index) into it first.
     images: float32 ``[B, H, W, 3]`` in [0, 1].
     view_config: ``config.augment.view1``-style settings.
     normalize: subtract the ImageNet mean and divide by its std afterwards.
+    example_ids: optional int ``[B]``, each image's index in the global batch; its key is then
+      ``fold_in(rng, id)``, so the draws do not depend on how the batch is split over devices.
+      Without it the keys are ``split(rng, B)``.
 
   Returns:
     float32 ``[B, H, W, 3]``, in [0, 1] unless normalised.
   """
-  keys = jax.random.split(rng, images.shape[0])
+  if example_ids is None:
+    keys = jax.random.split(rng, images.shape[0])
+  else:
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
   out = jax.vmap(lambda k, x: augment_image(k, x, view_config))(keys, images)
   return normalize_images(out) if normalize else out
 
@@ -199,13 +206,16 @@ def augment_views(
   view1: jax.Array,
   view2: jax.Array,
   augment_config: ml_collections.ConfigDict,
+  *,
+  example_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Augments the two crops with ``augment_config.view1`` / ``view2`` and independent keys.
 
   Args:
-    rng: PRNG key with the step and device index already folded in.
+    rng: PRNG key with the step (and, without `example_ids`, the device index) folded in.
     view1, view2: float32 ``[B, H, W, 3]`` in [0, 1], two crops of the same B images.
     augment_config: ``config.augment``; reads ``enabled``, ``normalize``, ``view1``, ``view2``.
+    example_ids: optional int ``[B]`` global-batch indices of the images (see `augment_batch`).
 
   Returns:
     ``(view1, view2)``, float32 ``[B, H, W, 3]``. With ``enabled`` False the inputs come back
@@ -215,6 +225,18 @@ def augment_views(
   if not augment_config.enabled:
     return tuple(normalize_images(v) if normalize else v for v in (view1, view2))
   return (
-    augment_batch(jax.random.fold_in(rng, 1), view1, augment_config.view1, normalize=normalize),
-    augment_batch(jax.random.fold_in(rng, 2), view2, augment_config.view2, normalize=normalize),
+    augment_batch(
+      jax.random.fold_in(rng, 1),
+      view1,
+      augment_config.view1,
+      normalize=normalize,
+      example_ids=example_ids,
+    ),
+    augment_batch(
+      jax.random.fold_in(rng, 2),
+      view2,
+      augment_config.view2,
+      normalize=normalize,
+      example_ids=example_ids,
+    ),
   )

@@ -42,11 +42,11 @@ def save(
 
   The write is asynchronous; call `manager.wait_until_finished()` before the process exits.
   """
-  metadata = {
-    "config": json.loads(config.to_json()),
-    "class_names": list(class_names),
-    "step": step,
-  }
+  config_dict = json.loads(config.to_json())
+  if config_dict.get("data", {}).get("root"):
+    # Absolute, so that run_linear.py finds the data from any working directory.
+    config_dict["data"]["root"] = os.path.abspath(config_dict["data"]["root"])
+  metadata = {"config": config_dict, "class_names": list(class_names), "step": step}
   manager.save(
     step,
     args=ocp.args.Composite(
@@ -82,6 +82,32 @@ def restore_state(manager: ocp.CheckpointManager, target: dict[str, Any], step: 
     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
   )
   return restored["state"]
+
+
+def restore_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The JSON metadata of `step`: {'config': dict, 'class_names': list, 'step': int}."""
+  return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    flat = {}
+    for key, value in tree.items():
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+  return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+  """Fields whose value differs between a checkpoint's saved config and `config`, as text."""
+  old, new = _flatten(saved), _flatten(json.loads(config.to_json()))
+  if new.get("data.root"):
+    new["data.root"] = os.path.abspath(new["data.root"])
+  return [
+    f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+    for key in sorted(set(old) | set(new))
+    if old.get(key) != new.get(key)
+  ]
 
 
 @dataclasses.dataclass(frozen=True)

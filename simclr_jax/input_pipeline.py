@@ -216,6 +216,7 @@ def _cached_tfds(name, split, data_dir, shorter_side):
     split=split,
     data_dir=data_dir or None,
     shuffle_files=False,
+    download=False,
     decoders={"image": tfds.decode.SkipDecoding()},
   )
   labels = np.concatenate(
@@ -225,7 +226,8 @@ def _cached_tfds(name, split, data_dir, shorter_side):
 
 
 def _load_tfds(name, split, data_dir) -> tf.data.Dataset:
-  ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+  # download=False: read a prepared local copy; never fetch data at run time.
+  ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False, download=False)
 
   def to_pair(ex):
     image = ex["image"]

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from sklearn import metrics
 from sklearn.model_selection import train_test_split
 
-from simclr_jax import checkpoint, input_pipeline, models, probe_reports, probes, train
+from simclr_jax import augment, checkpoint, input_pipeline, models, probe_reports, probes, train
 
 CLASSIFIERS = ("logistic", "linear_sgd")
 KNN_KS = (20, 200)
@@ -54,10 +54,16 @@ def probe_depth(num_head_layers: int, remove_top_layers: int | None) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _layers_fn(model: models.SimCLRModel, depths: tuple[int, ...]):
-  """Pmapped frozen forward pass returning the layers at `depths`; cached so it compiles once."""
+def _layers_fn(model: models.SimCLRModel, depths: tuple[int, ...], normalize: bool):
+  """Pmapped frozen forward pass returning the layers at `depths`; cached so it compiles once.
+
+  `normalize`: the pretraining inputs were mean/std normalised (`config.augment.normalize`),
+  so the probe's inputs must be too.
+  """
 
   def layers(variables, images):
+    if normalize:
+      images = augment.normalize_images(images)
     _, aux = model.apply(variables, images, train=False)
     every = (aux["features"], *aux["head_layers"])
     return tuple(every[d] for d in depths)
@@ -95,7 +101,7 @@ def extract_features(
   devices = jax.device_count()
   batch_size = math.ceil(batch_size / devices) * devices
   batches = input_pipeline.create_eval_iterator(config, split, batch_size=batch_size)
-  apply = _layers_fn(model, tuple(depths))
+  apply = _layers_fn(model, tuple(depths), bool(config.augment.get("normalize", False)))
   replicated = train.replicate(variables)
   # Fetched per batch so device memory holds one batch of features, not the split's.
   outputs = [

@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 
 _PRECISION = jax.lax.Precision.HIGHEST
+# Logit of masked-out candidates: exp(_MASKED - x) is exactly 0 in float32 for any |x| < 1e8,
+# and unlike -inf it keeps the gradient finite when a row has no candidate left (M = 1).
+_MASKED = -1e9
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -67,7 +70,7 @@ def nt_xent_logits(
     axis_name: pmap/shard_map axis to gather negatives over; None for one device.
 
   Returns:
-    logits: float32 [2N, 2M], sim / tau, with each anchor's self-similarity set to -inf.
+    logits: float32 [2N, 2M], sim / tau, with each anchor's self-similarity masked (-1e9).
     positive_index: int32 [2N], the column of each anchor's positive.
     self_index: int32 [2N], the column of each anchor itself.
   """
@@ -86,7 +89,7 @@ def nt_xent_logits(
   self_index = jnp.concatenate([pair, m + pair])
   positive_index = jnp.concatenate([m + pair, pair])
   columns = jnp.arange(2 * m, dtype=jnp.int32)
-  logits = jnp.where(columns[None, :] == self_index[:, None], -jnp.inf, logits)
+  logits = jnp.where(columns[None, :] == self_index[:, None], _MASKED, logits)
   return logits, positive_index, self_index
 
 
@@ -111,7 +114,7 @@ def _terms(z1, z2, *, temperature, axis_name):
   # -log(e^p / (e^p + sum_neg e^n)) = log(1 + sum_neg e^(n - p)) = softplus(lse_neg(n - p)):
   # exact for the tiny terms of well-separated pairs, where lse(all) - p cancels in float32.
   columns = jnp.arange(logits.shape[1])
-  negatives = jnp.where(columns[None, :] == positive_index[:, None], -jnp.inf, logits)
+  negatives = jnp.where(columns[None, :] == positive_index[:, None], _MASKED, logits)
   terms = jax.nn.softplus(jax.nn.logsumexp(negatives - positive[:, None], axis=1))
   return terms, logits, negatives, positive, positive_index, self_index
 

@@ -3,8 +3,9 @@
 One `jax.pmap` call site over all local devices (axis name `batch`): both views of the local
 batch go through the encoder as one batch, batch-norm statistics are synced across devices,
 the NT-Xent loss takes its negatives from the global batch, gradients are averaged with
-`lax.pmean`, and the state is donated. The augmentation RNG is folded from the step and the
-device index, so a resumed run continues the same random stream.
+`lax.pmean`, and the state is donated. The augmentation key of each image is folded from the step
+and its index in the global batch, so the draws do not depend on the device count and a resumed
+run continues the same random stream.
 """
 
 import time
@@ -70,8 +71,17 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: optax.Schedule,
   """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS_NAME))
-    view1, view2 = augment.augment_views(rng, batch["view1"], batch["view2"], config.augment)
+    # Keys per (step, global example index): the same draws however the batch is split over
+    # devices or hosts, so a run resumed on another device count continues the same stream.
+    per_device = batch["view1"].shape[0]
+    first = jax.lax.axis_index(AXIS_NAME) * per_device  # pmap's axis spans every host
+    view1, view2 = augment.augment_views(
+      jax.random.fold_in(rng, state.step),
+      batch["view1"],
+      batch["view2"],
+      config.augment,
+      example_ids=first + jnp.arange(per_device),
+    )
     images = jnp.concatenate([view1, view2], axis=0)
 
     def loss_fn(params):
@@ -152,6 +162,24 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   manager = checkpoint.create_manager(workdir, max_to_keep=config.keep_checkpoints)
   resumed_from = manager.latest_step()
   start_step = resumed_from or 0
+  if resumed_from is not None:
+    changes = checkpoint.config_changes(
+      checkpoint.restore_metadata(manager, resumed_from)["config"], config
+    )
+    if changes:
+      logging.warning(
+        "Resuming step %d of %s with a changed config (the schedule follows the new one): %s",
+        resumed_from,
+        workdir,
+        "; ".join(changes),
+      )
+  if start_step >= total_steps:
+    manager.close()
+    raise ValueError(
+      f"{workdir} already holds the checkpoint of step {start_step}, and this config trains "
+      f"{total_steps} steps ({config.num_epochs} epochs): nothing to do. Raise num_epochs to "
+      "train on, or use another workdir."
+    )
   # Built before the model so that bad data or batch settings fail before any compilation.
   batches = input_pipeline.create_pretrain_iterator(
     config, seed=config.seed, start_epoch=start_step // spe

@@ -255,6 +255,17 @@ def test_finite_loss_and_gradients(case):
     np.testing.assert_allclose(float(loss), terms.mean(), rtol=1e-5)
 
 
+def test_single_pair_has_zero_loss_and_finite_gradient():
+  """M = 1: the positive is the only candidate, so the loss is exactly 0 and nothing is NaN."""
+  z1, z2 = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[-1.0, 0.5, 2.0]])
+  loss, grads = jax.value_and_grad(
+    lambda a, b: losses.nt_xent(a, b, temperature=0.1)[0], argnums=(0, 1)
+  )(z1, z2)
+  assert float(loss) == 0.0
+  for g in grads:
+    np.testing.assert_array_equal(g, np.zeros_like(g))
+
+
 def test_rejects_mismatched_shapes():
   with pytest.raises(ValueError, match=r"\[N, D\]"):
     losses.nt_xent(jnp.ones((4, 3)), jnp.ones((5, 3)), temperature=0.1)

@@ -67,7 +67,7 @@ def data_root(tmp_path_factory):
 
 def test_one_step_on_one_device_equals_four_devices():
   config = tiny_config("unused")
-  config.augment.enabled = False  # the views below are the two views; no device-dependent RNG
+  # Augmentation on: each image's key depends on its global index, not on the device count.
   config.optim.name = "sgd"
   config.optim.base_lr = 0.1
   config.optim.schedule = "constant"
@@ -118,10 +118,6 @@ def test_one_step_on_one_device_equals_four_devices():
 # ----------------------------------------------------------------------------- the loop
 
 
-def _params(workdir):
-  return checkpoint.load_pretrained(workdir).params
-
-
 def _workdir_holding(tmp_path, name, source_workdir, step) -> str:
   """A fresh workdir whose only checkpoint is `step` of `source_workdir` (a crash after it)."""
   run = str(tmp_path / name)
@@ -165,9 +161,11 @@ def test_resume_equals_uninterrupted(trained, tmp_path, data_root):
   resumed = _workdir_holding(tmp_path, "resumed", workdir, 2)
   summary = train.pretrain(tiny_config(data_root), resumed)
   assert summary["resumed_from"] == 2
-  uninterrupted, after_resume = _params(workdir), _params(resumed)
+  full, after_resume = checkpoint.load_pretrained(workdir), checkpoint.load_pretrained(resumed)
   for a, b in zip(
-    jax.tree_util.tree_leaves(uninterrupted), jax.tree_util.tree_leaves(after_resume), strict=True
+    jax.tree_util.tree_leaves((full.params, full.batch_stats)),
+    jax.tree_util.tree_leaves((after_resume.params, after_resume.batch_stats)),
+    strict=True,
   ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   full_rows, resumed_rows = _history(workdir), _history(resumed)
@@ -219,9 +217,16 @@ def test_cli_end_to_end_and_resume_on_fewer_devices(tmp_path, data_root):
 
   out = _run_cli(workdir, data_root, 1, "--config.num_epochs=2")
   assert "Resuming from the checkpoint of step 2" in out
+  assert "changed config" in out and "num_epochs: 1 -> 2" in out
   assert "Pretraining finished at step 4" in out
   assert [r.split(",")[0] for r in _history(workdir)[1:]] == ["1", "2", "3", "4"]
   assert checkpoint.load_pretrained(workdir).step == 4
+
+
+def test_finished_run_is_not_retrained(trained, data_root):
+  workdir, _ = trained
+  with pytest.raises(ValueError, match="step 4.*nothing to do"):
+    train.pretrain(tiny_config(data_root), workdir)
 
 
 def test_bad_batch_size_is_a_clear_error(data_root, tmp_path):

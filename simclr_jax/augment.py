@@ -224,19 +224,10 @@ def augment_views(
   normalize = bool(augment_config.get("normalize", False))
   if not augment_config.enabled:
     return tuple(normalize_images(v) if normalize else v for v in (view1, view2))
-  return (
+  views = ((view1, augment_config.view1), (view2, augment_config.view2))
+  return tuple(
     augment_batch(
-      jax.random.fold_in(rng, 1),
-      view1,
-      augment_config.view1,
-      normalize=normalize,
-      example_ids=example_ids,
-    ),
-    augment_batch(
-      jax.random.fold_in(rng, 2),
-      view2,
-      augment_config.view2,
-      normalize=normalize,
-      example_ids=example_ids,
-    ),
+      jax.random.fold_in(rng, i), images, settings, normalize=normalize, example_ids=example_ids
+    )
+    for i, (images, settings) in enumerate(views, start=1)
   )

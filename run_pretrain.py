@@ -55,6 +55,9 @@ def main(argv):
   os.makedirs(FLAGS.workdir, exist_ok=True)
   summary = train.pretrain(FLAGS.config, FLAGS.workdir)
   logging.info("Done: %s", summary)
+  if summary["already_complete"]:
+    print(f"Nothing to train: {FLAGS.workdir} already holds the final step {summary['step']}.")
+    return
   print(
     f"Pretraining finished at step {summary['step']} (epoch {summary['epoch']}): "
     f"loss {summary['loss']:.4f}, contrastive accuracy {summary['contrastive_accuracy']:.3f}. "

@@ -6,6 +6,7 @@ the head maps h to the projection z = g(h) fed to the contrastive loss. Linear e
 
     model = build_model(config.model, image_size=32, axis_name="batch")
     variables = model.init(key, images, train=False)  # {'params', 'batch_stats'}
+    # train=True syncs BN over `axis_name`, so it runs inside jax.pmap(..., axis_name="batch")
     z, aux = model.apply(variables, images, train=True, mutable=["batch_stats"])[0]
 """
 

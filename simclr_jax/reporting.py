@@ -29,6 +29,16 @@ class LossHistory:
       writer.writerows(self._formatted(self.rows))
 
   @staticmethod
+  def last_row(workdir: str) -> dict[str, float]:
+    """The last row of `<workdir>/loss_history.csv` ({} when there is none); read only."""
+    path = os.path.join(workdir, "loss_history.csv")
+    if not os.path.exists(path):
+      return {}
+    with open(path, newline="") as f:
+      rows = list(csv.DictReader(f))
+    return {k: float(v) for k, v in rows[-1].items()} if rows else {}
+
+  @staticmethod
   def _formatted(rows):
     return [
       {k: (int(r[k]) if k in ("step", "epoch") else r[k]) for k in HISTORY_FIELDS} for r in rows

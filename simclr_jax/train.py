@@ -175,11 +175,23 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       )
   if start_step >= total_steps:
     manager.close()
-    raise ValueError(
-      f"{workdir} already holds the checkpoint of step {start_step}, and this config trains "
-      f"{total_steps} steps ({config.num_epochs} epochs): nothing to do. Raise num_epochs to "
-      "train on, or use another workdir."
+    logging.warning(
+      "%s already holds the checkpoint of step %d and this config trains %d steps (%d epochs): "
+      "nothing to do. Raise num_epochs to train on, or use another workdir.",
+      workdir,
+      start_step,
+      total_steps,
+      config.num_epochs,
     )
+    last_row = reporting.LossHistory.last_row(workdir)
+    return {
+      "step": start_step,
+      "epoch": start_step // spe,
+      "loss": last_row.get("loss", float("nan")),
+      "contrastive_accuracy": last_row.get("contrastive_accuracy", float("nan")),
+      "resumed_from": resumed_from,
+      "already_complete": True,
+    }
   # Built before the model so that bad data or batch settings fail before any compilation.
   batches = input_pipeline.create_pretrain_iterator(
     config, seed=config.seed, start_epoch=start_step // spe
@@ -219,6 +231,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     elapsed = time.perf_counter() - timer_start
     pairs_per_s = timer_steps * config.batch_size / max(elapsed, 1e-9)
     timer_start, timer_steps = time.perf_counter(), 0
+    # Counted when their results arrive, not when dispatched, so the bar's rate and ETA hold.
+    progress.update(len(fetched))
     for s, m in fetched:
       if not np.isfinite(m["loss"]):
         raise FloatingPointError(
@@ -257,7 +271,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       p_state, metrics = p_train_step(p_state, batch, augment_rng)
       pending.append((step, metrics))
       timer_steps += 1
-      progress.update(1)
       epoch_done = step % spe == 0
       if step % config.log_every_steps == 0 or epoch_done:
         flush(step)
@@ -286,4 +299,5 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "loss": last["loss"],
     "contrastive_accuracy": last["contrastive_accuracy"],
     "resumed_from": resumed_from,
+    "already_complete": False,
   }

@@ -224,9 +224,14 @@ def test_cli_end_to_end_and_resume_on_fewer_devices(tmp_path, data_root):
 
 
 def test_finished_run_is_not_retrained(trained, data_root):
-  workdir, _ = trained
-  with pytest.raises(ValueError, match="step 4.*nothing to do"):
-    train.pretrain(tiny_config(data_root), workdir)
+  """Re-running a finished command is a no-op (so `pretrain && probe` chains still work)."""
+  workdir, summary = trained
+  history_before = _history(workdir)
+  again = train.pretrain(tiny_config(data_root), workdir)
+  assert again["already_complete"] and again["step"] == 4 and again["resumed_from"] == 4
+  np.testing.assert_allclose(again["loss"], summary["loss"], rtol=1e-6)
+  assert _history(workdir) == history_before
+  assert checkpoint.load_pretrained(workdir).step == 4
 
 
 def test_bad_batch_size_is_a_clear_error(data_root, tmp_path):

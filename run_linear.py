@@ -24,6 +24,16 @@ flags.DEFINE_enum(
   "classifier", "logistic", ["logistic", "linear_sgd"], "scikit-learn or optax SGD probe."
 )
 flags.DEFINE_integer("batch_size", 256, "Feature-extraction batch size (features do not depend).")
+flags.DEFINE_integer(
+  "image_size",
+  None,
+  "Test-view side in px; default the checkpoint config's data.eval_image_size (0: training size).",
+)
+flags.DEFINE_float(
+  "crop_fraction",
+  None,
+  "Centre-crop fraction of the shorter side; default the config's (1 for <= 32 px pretraining).",
+)
 flags.DEFINE_integer("seed", 0, "Seed of the label subset and of the SGD probe.")
 flags.mark_flag_as_required("workdir")
 
@@ -48,6 +58,8 @@ def main(argv):
     classifier=FLAGS.classifier,
     batch_size=FLAGS.batch_size,
     seed=FLAGS.seed,
+    image_size=FLAGS.image_size,
+    crop_fraction=FLAGS.crop_fraction,
   )
   print(probe_reports.format_summary(results))
 

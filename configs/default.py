@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.shuffle_buffer = 10_000  # TFDS streams only; image lists are permuted in full
   config.data.check_files = True  # decode every file once at start; report and skip bad ones
   config.data.eval_crop_fraction = 0.875
+  config.data.eval_image_size = 0  # px of the probe's test view; 0: image_size (see FixRes)
   config.data.prefetch = 2
 
   config.augment = ml_collections.ConfigDict()

@@ -35,7 +35,9 @@ __all__ = [
   "center_crop",
   "create_eval_iterator",
   "create_pretrain_iterator",
+  "eval_crop_fraction",
   "eval_dataset",
+  "eval_image_size",
   "get_class_names",
   "list_image_folder",
   "num_examples",
@@ -150,8 +152,25 @@ def center_crop(image: tf.Tensor, *, size: int, crop_fraction: float = 0.875) ->
   return _resize_square(image[y : y + side, x : x + side], size)
 
 
-def _eval_crop_fraction(data_config: ml_collections.ConfigDict) -> float:
+def eval_crop_fraction(data_config: ml_collections.ConfigDict) -> float:
+  """The centre-crop fraction the evaluation view uses: ``data.eval_crop_fraction``, except 1
+  (the whole image) when the training crops are at most 32 px (CIFAR-sized data)."""
   return 1.0 if data_config.image_size <= 32 else data_config.eval_crop_fraction
+
+
+def eval_image_size(data_config: ml_collections.ConfigDict) -> int:
+  """Side in px of the evaluation view: ``data.eval_image_size``, or ``data.image_size`` if 0.
+
+  A test view larger than the training crops undoes the apparent-object-size gap that random-
+  resized crops open between training and test (Touvron et al. 2019, "FixRes", §3).
+
+  Raises:
+    ValueError: a negative ``data.eval_image_size``.
+  """
+  size = int(data_config.get("eval_image_size", 0) or 0)
+  if size < 0:
+    raise ValueError(f"config.data.eval_image_size={size} must be >= 0 (0: data.image_size).")
+  return size or data_config.image_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +360,7 @@ def pretrain_dataset(config: ml_collections.ConfigDict, *, seed: int, start_epoc
     # The smallest crop still has about `size` pixels across at this shorter side.
     min_side = math.ceil(size / math.sqrt(area[0] * min(aspect[0], 1 / aspect[1])))
   else:
-    crop_fraction = _eval_crop_fraction(data)
+    crop_fraction = eval_crop_fraction(data)
     min_side = math.ceil(size / crop_fraction)
   hosts, host = jax.process_count(), jax.process_index()
 
@@ -384,18 +403,26 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: i
 
   Returns:
     ``(dataset, source, num_batches)``; the dataset yields ``'image'`` float32
-    ``[local_devices, per_device, S, S, 3]`` in [0, 1] (resize and centre crop of
-    ``data.eval_crop_fraction``; no crop at ``S <= 32``), ``'label'`` int32 and ``'mask'`` bool
+    ``[local_devices, per_device, S, S, 3]`` in [0, 1], ``S = eval_image_size(data)`` (resize and
+    centre crop of ``data.eval_crop_fraction``; no crop when ``data.image_size <= 32``; with
+    ``data.cache``, images are cached at a shorter side of at least ``S / crop_fraction``, so a
+    larger test view reads real pixels, not an upsampled training cache), ``'label'`` int32 and
+    ``'mask'`` bool
     ``[local_devices, per_device]``. Padding examples (zeros, label 0, mask False) fill the last
     batches, so every host yields ``num_batches`` batches.
   """
   data = config.data
   local_batch = _local_batch_size(batch_size)
+  size, crop_fraction = eval_image_size(data), eval_crop_fraction(data)
+  if not 0 < crop_fraction <= 1:
+    raise ValueError(f"config.data.eval_crop_fraction={crop_fraction} must be in (0, 1].")
+  min_side = math.ceil(size / crop_fraction)
+  if data.cache and data.cache_shorter_side < min_side:
+    data = ml_collections.ConfigDict(data.to_dict())
+    data.cache_shorter_side = min_side
   source = _source(data, split)
   most_per_host = math.ceil(source.num_examples / jax.process_count())
   num_batches = math.ceil(most_per_host / local_batch)
-  size, crop_fraction = data.image_size, _eval_crop_fraction(data)
-  min_side = math.ceil(size / crop_fraction)
 
   def transform(key, label):
     image = center_crop(source.load(key, min_side), size=size, crop_fraction=crop_fraction)

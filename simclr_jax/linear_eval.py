@@ -247,6 +247,8 @@ def run_linear_probe(
   batch_size: int = 256,
   seed: int = 0,
   output_dir: str | None = None,
+  image_size: int | None = None,
+  crop_fraction: float | None = None,
 ) -> dict[str, Any]:
   """Linear evaluation of a pretraining run, from its checkpoint alone (SimCLR §4; the seed's).
 
@@ -264,6 +266,12 @@ def run_linear_probe(
     batch_size: feature-extraction batch; does not change the features.
     seed: seed of the label subset and of the SGD probe.
     output_dir: where to write; default `<workdir>/linear`.
+    image_size: side in px of the test view for train and test features; None keeps the
+      checkpoint config's `data.eval_image_size` (0 there: the pretraining crop size). A value
+      above the training crop size applies FixRes's train/test resolution correction.
+    crop_fraction: centre-crop fraction in (0, 1] of the shorter side; None keeps the
+      checkpoint config's `data.eval_crop_fraction`. Ignored (1, the whole image) when the
+      pretraining crops were at most 32 px; `settings` records the fraction used.
 
   Returns:
     The contents of `results.json`: 'settings', 'top1' (and 'top5' with >= 10 classes), 'knn',
@@ -273,12 +281,21 @@ def run_linear_probe(
   Raises:
     FileNotFoundError: no checkpoint (or not that step) in `workdir`.
     ValueError: classes of the data differ from the checkpoint's, bad label fraction,
-      `remove_top_layers` or classifier, and the input pipeline's errors.
+      `remove_top_layers`, classifier, `image_size` (< 1) or `crop_fraction` (outside (0, 1]),
+      and the input pipeline's errors.
   """
   if classifier not in CLASSIFIERS:
     raise ValueError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
+  if image_size is not None and image_size < 1:
+    raise ValueError(f"image_size={image_size} must be a positive number of pixels.")
+  if crop_fraction is not None and not 0 < crop_fraction <= 1:
+    raise ValueError(f"crop_fraction={crop_fraction} must be in (0, 1].")
   pretrained = checkpoint.load_pretrained(workdir, step)
   config, class_names = _data_config(pretrained, data_root)
+  if image_size is not None:
+    config.data.eval_image_size = image_size
+  if crop_fraction is not None:
+    config.data.eval_crop_fraction = crop_fraction
   num_classes = len(class_names)
   num_layers = config.model.head.num_layers
   depth = probe_depth(num_layers, remove_top_layers)
@@ -314,6 +331,8 @@ def run_linear_probe(
       "train_split": config.data.train_split,
       "test_split": config.data.eval_split,
       "image_size": config.data.image_size,
+      "eval_image_size": input_pipeline.eval_image_size(config.data),
+      "eval_crop_fraction": input_pipeline.eval_crop_fraction(config.data),
       "classifier": classifier,
       "layer": layer_name(depth, num_layers),
       "head_layers_kept": depth,

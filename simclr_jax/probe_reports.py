@@ -125,6 +125,8 @@ def format_summary(results: dict[str, Any]) -> str:
     f"Probe: {s['classifier']} on {s['layer']} ({s['feature_dim']}-d), "
     f"{s['num_labelled']} of {s['num_train']} training labels ({s['label_fraction']:g}: "
     f"{per_class}); {s['num_test']} test images",
+    f"Views: centre crop {s.get('eval_crop_fraction', 'default')} of the shorter side at "
+    f"{s.get('eval_image_size', s['image_size'])} px (pretraining crops: {s['image_size']} px)",
     "",
     results["report_markdown"],
     "",

@@ -316,6 +316,31 @@ def test_eval_pass_covers_every_example_once(solid_root):
   np.testing.assert_array_equal(again[1]["image"], batches[1]["image"])
 
 
+def test_eval_image_size_reads_real_pixels_through_the_cache(tmp_path):
+  # Stripes 2 px wide on a 64 px image: a 32 px view keeps them; a view upsampled from an
+  # 8 px cache (the pretraining cache side here) would have blurred them away.
+  stripes = np.zeros((64, 64, 3), np.uint8)
+  stripes[:, (np.arange(64) // 2) % 2 == 1] = 255
+  _save(f"{tmp_path}/test/a/0.png", Image.fromarray(stripes), "PNG")
+  _save(f"{tmp_path}/train/a/0.png", Image.fromarray(stripes), "PNG")
+  views = {}
+  for cache in (False, True):
+    config = config_for(
+      tmp_path, image_size=8, cache=cache, cache_shorter_side=8, eval_crop_fraction=1.0
+    )
+    config.data.eval_image_size = 32
+    batch = next(iter(input_pipeline.create_eval_iterator(config, "test", batch_size=4)))
+    views[cache] = np.asarray(batch["image"]).reshape(-1, 32, 32, 3)[0]
+  for view in views.values():  # (resampling filters differ between the two paths)
+    assert view.shape == (32, 32, 3)
+    assert view[0].max() - view[0].min() > 0.4  # the stripes survive
+  config = config_for(tmp_path)
+  assert input_pipeline.eval_image_size(config.data) == 8  # 0: the training size
+  config.data.eval_image_size = -1
+  with pytest.raises(ValueError, match="eval_image_size=-1"):
+    input_pipeline.eval_image_size(config.data)
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_tfds_source(cache):
   config = config_for("", image_size=8, batch_size=4, source="tfds", tfds_name="cifar10")

@@ -67,6 +67,63 @@ class Conv(nn.Module):
     return out
 
 
+def _max_pool_taps(x: jnp.ndarray):
+  """The nine stride-2 windows' taps of a 3x3/2 max-pool with padding 1 (padding never wins)."""
+  out_h, out_w = (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  for i in range(3):
+    for j in range(3):
+      yield i, j, xp[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2]
+
+
+def _max_pool_fwd(x: jnp.ndarray):
+  out = index = None
+  for i, j, tap in _max_pool_taps(x):
+    if out is None:
+      out, index = tap, jnp.zeros(tap.shape, jnp.int8)
+    else:
+      wins = tap > out  # strict: ties go to the first tap in row-major window order
+      out, index = jnp.where(wins, tap, out), jnp.where(wins, jnp.int8(3 * i + j), index)
+  return out, (index, x.shape)
+
+
+def _max_pool_bwd(residuals, g):
+  index, (_, h, w, _) = residuals
+  zero = jnp.zeros((), g.dtype)
+  grad = 0
+  for i in range(3):
+    for j in range(3):
+      routed = jnp.where(index == 3 * i + j, g, zero)
+      # Tap (i, j) of output (y, x) read padded input (2y + i, 2x + j): spread with stride 2.
+      grad = grad + jax.lax.pad(
+        routed,
+        zero,
+        ((0, 0, 0), (i, 2 - i, 1), (j, 2 - j, 1), (0, 0, 0)),
+      )
+  return (grad[:, 1 : h + 1, 1 : w + 1],)
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
+  """The ImageNet stem's 3x3 max-pool, stride 2, padding 1 (He et al. 2016, Table 1).
+
+  Same result as `nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))`; the gradient goes to the
+  (first) maximum of each window, as a subgradient of max should. The difference is speed: XLA
+  lowers max-pool's gradient to select-and-scatter, which is slow on CPU (docs/benchmarks.md);
+  here the backward pass is nine masked, stride-2 spreads that XLA fuses into one loop.
+
+  Args:
+    x: float [N, H, W, C].
+
+  Returns:
+    [N, ceil(H / 2), ceil(W / 2), C], dtype of x.
+  """
+  return _max_pool_fwd(x)[0]
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions plus shortcut (He et al. 2016, §3.3, Fig. 5 left).
 
@@ -204,7 +261,7 @@ class ResNet(nn.Module):
       x = conv(self.base_filters, (7, 7), 2, padding=3, name="stem_conv")(x)
     x = nn.relu(norm(name="stem_bn")(x))
     if not self.cifar_stem:
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = max_pool_3x3_s2(x)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         x = self.block_cls(

@@ -330,3 +330,35 @@ def test_conv_equals_flax_conv_on_every_path(hw, strides):
   g_ref = jax.grad(loss, argnums=(1, 2))(ref, params, x)
   for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_ref), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3), (1, 1, 1, 2), (3, 2, 5, 4)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_equals_flax_max_pool_values_and_gradients(shape, dtype):
+  """The custom-gradient stem max-pool == nn.max_pool (XLA reduce-window and its autodiff)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), shape).astype(dtype)
+
+  def ref(x):
+    return nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+
+  y, vjp = jax.vjp(models.max_pool_3x3_s2, x)
+  y_ref, vjp_ref = jax.vjp(ref, x)
+  assert y.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+  g = jax.random.normal(jax.random.PRNGKey(1), y.shape).astype(dtype)
+  # An input that is the maximum of several windows sums their gradients, in another order.
+  tol = 1e-6 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(
+    np.asarray(vjp(g)[0], np.float32), np.asarray(vjp_ref(g)[0], np.float32), rtol=tol, atol=tol
+  )
+
+
+def test_max_pool_gradient_routes_each_output_to_one_input_under_ties():
+  """Ties (e.g. the zeros after ReLU): each window's gradient reaches exactly one input."""
+  x = jnp.zeros((1, 6, 6, 1)).at[0, 2, 2, 0].set(1.0)
+  g = jnp.arange(1.0, 10.0).reshape(1, 3, 3, 1)
+  dx = jax.vjp(models.max_pool_3x3_s2, x)[1](g)[0]
+  assert float(dx.sum()) == float(g.sum())
+  # Windows (rows/cols 1-3 and 3-5 in input coordinates) containing (2, 2) send it their share:
+  # windows centred at output (1, 1) only; the rest go to each window's first (top-left) input.
+  assert float(dx[0, 2, 2, 0]) == float(g[0, 1, 1, 0])

@@ -34,6 +34,12 @@ flags.DEFINE_float(
   None,
   "Centre-crop fraction of the shorter side; default the config's (1 for <= 32 px pretraining).",
 )
+flags.DEFINE_integer(
+  "train_views",
+  0,
+  "K random views (crop + flip) of each labelled image added to the probe's training set; "
+  "0: centre views only.",
+)
 flags.DEFINE_integer("seed", 0, "Seed of the label subset and of the SGD probe.")
 flags.mark_flag_as_required("workdir")
 
@@ -60,6 +66,7 @@ def main(argv):
     seed=FLAGS.seed,
     image_size=FLAGS.image_size,
     crop_fraction=FLAGS.crop_fraction,
+    train_views=FLAGS.train_views,
   )
   print(probe_reports.format_summary(results))
 

@@ -5,11 +5,15 @@
 
 For each case: compile seconds, seconds per step (median of timed steps after warm-up), image
 pairs per second, FLOPs per pair from XLA's cost analysis of the compiled step, achieved FLOP/s.
+With `--breakdown`, also the seconds of the step's parts, each compiled alone: the on-device
+augmentation of both views, the forward pass of both views (BN in training mode), and forward +
+gradient of the NT-Xent loss (no augmentation, no optimiser update).
 The step is the real one (`train.make_train_step`: augmentation, both views through the
 encoder, NT-Xent over all devices, LARS update), fed with a fixed on-device batch so the input
 pipeline is not measured here (see `benchmarks/input_pipeline.py`).
 """
 
+import functools
 import os
 import statistics
 import time
@@ -17,11 +21,12 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import default  # noqa: E402
-from simclr_jax import models, optim, train  # noqa: E402
+from simclr_jax import augment, losses, models, optim, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
@@ -31,6 +36,7 @@ flags.DEFINE_list(
 )
 flags.DEFINE_integer("steps", 5, "Timed steps per case (after 2 warm-up steps).")
 flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
+flags.DEFINE_bool("breakdown", False, "Also time augmentation, forward, forward+gradient alone.")
 
 
 def _config(depth: int, size: int, batch: int, cifar: bool):
@@ -50,6 +56,46 @@ def _flops(p_step, args) -> float:
     return float(cost.get("flops", float("nan")))
   except Exception:  # cost analysis is best effort on some backends
     return float("nan")
+
+
+def _median_seconds(fn, *args) -> float:
+  jax.block_until_ready(fn(*args))  # compile
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def breakdown(config, state, batch_arrays, key) -> dict:
+  """Seconds of the step's parts, each pmapped and compiled alone (same shapes as the step)."""
+
+  def augment_only(batch, key):
+    return augment.augment_views(key, batch["view1"], batch["view2"], config.augment)
+
+  def loss(params, batch_stats, images):
+    (projection, _), _ = state.apply_fn(
+      {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+    )
+    z1, z2 = jnp.split(projection, 2, axis=0)
+    return losses.nt_xent(z1, z2, temperature=config.temperature, axis_name=train.AXIS_NAME)[0]
+
+  def forward(state, batch):
+    images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
+    return loss(state.params, state.batch_stats, images)
+
+  def gradient(state, batch):
+    images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
+    return jax.grad(loss)(state.params, state.batch_stats, images)
+
+  pmap = functools.partial(jax.pmap, axis_name=train.AXIS_NAME)
+  return {
+    "augment_s": _median_seconds(pmap(augment_only, in_axes=(0, None)), batch_arrays, key),
+    "forward_s": _median_seconds(pmap(forward), state, batch_arrays),
+    "gradient_s": _median_seconds(pmap(gradient), state, batch_arrays),
+  }
 
 
 def run_case(spec: str) -> dict:
@@ -86,7 +132,9 @@ def run_case(spec: str) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
+  parts = breakdown(config, state, batch_arrays, key) if FLAGS.breakdown else {}
   return {
+    **parts,
     "case": f"ResNet-{depth}{' CIFAR' if cifar else ''} {size}px",
     "batch": batch,
     "compile_s": compile_s,
@@ -110,6 +158,12 @@ def main(argv):
       f"{r['pairs_s']:.1f} | {r['gflop_pair']:.2f} | {r['gflop_s']:.1f} |",
       flush=True,
     )
+    if FLAGS.breakdown:
+      print(
+        f"|   parts of the step: augmentation {r['augment_s']:.3f} s, forward "
+        f"{r['forward_s']:.3f} s, forward + gradient {r['gradient_s']:.3f} s |",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -393,13 +393,25 @@ def pretrain_dataset(config: ml_collections.ConfigDict, *, seed: int, start_epoc
   return ds.prefetch(_AUTOTUNE), source
 
 
-def eval_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: int):
+def eval_dataset(
+  config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  batch_size: int,
+  random_views: int = 0,
+  seed: int = 0,
+):
   """One deterministic pass over ``split``, every example exactly once over all hosts.
 
   Args:
-    config: full config; reads ``config.data``.
+    config: full config; reads ``config.data`` and, with ``random_views``, ``augment.crop_area``
+      and ``augment.crop_aspect_ratio``.
     split: split name, e.g. ``config.data.eval_split``.
     batch_size: global batch size, a multiple of the device count.
+    random_views: 0 for the centre view; K >= 1 for K random views of each example instead,
+      consecutive: random-resized crop and left-right flip, no colour distortion, as SimCLR's
+      reference code augments the training images of its linear classifier.
+    seed: seed of the random views, drawn per (seed, example position).
 
   Returns:
     ``(dataset, source, num_batches)``; the dataset yields ``'image'`` float32
@@ -407,9 +419,13 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: i
     centre crop of ``data.eval_crop_fraction``; no crop when ``data.image_size <= 32``; with
     ``data.cache``, images are cached at a shorter side of at least ``S / crop_fraction``, so a
     larger test view reads real pixels, not an upsampled training cache), ``'label'`` int32 and
-    ``'mask'`` bool
-    ``[local_devices, per_device]``. Padding examples (zeros, label 0, mask False) fill the last
-    batches, so every host yields ``num_batches`` batches.
+    ``'mask'`` bool ``[local_devices, per_device]``. With ``random_views`` K, example i's views
+    are rows i*K .. i*K+K-1 of the host's stream. Padding examples (zeros, label 0, mask False)
+    fill the last batches, so every host yields ``num_batches`` batches.
+
+  Raises:
+    ValueError: a crop fraction outside (0, 1], a negative ``random_views``, and the errors of
+      the sources (missing root or split, ...).
   """
   data = config.data
   local_batch = _local_batch_size(batch_size)
@@ -420,23 +436,51 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: i
   if data.cache and data.cache_shorter_side < min_side:
     data = ml_collections.ConfigDict(data.to_dict())
     data.cache_shorter_side = min_side
+  if random_views < 0:
+    raise ValueError(f"random_views={random_views} must be >= 0 (0: the centre view).")
   source = _source(data, split)
+  per_example = max(1, random_views)
   most_per_host = math.ceil(source.num_examples / jax.process_count())
-  num_batches = math.ceil(most_per_host / local_batch)
+  num_batches = math.ceil(most_per_host * per_example / local_batch)
+  area = tuple(config.augment.crop_area)
+  aspect = tuple(config.augment.crop_aspect_ratio)
 
-  def transform(key, label):
-    image = center_crop(source.load(key, min_side), size=size, crop_fraction=crop_fraction)
-    return {"image": image, "label": label, "mask": tf.constant(True)}
+  def transform(position, example):
+    key, label = example
+    image = source.load(key, min_side)
+    if not random_views:
+      view = center_crop(image, size=size, crop_fraction=crop_fraction)
+      return {"image": view[None], "label": label[None], "mask": tf.constant([True])}
+    example_seed = tf.random.experimental.stateless_fold_in(
+      tf.constant([seed, jax.process_index()], tf.int64), position
+    )
+    views = []
+    for v in range(random_views):
+      crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(
+          tf.random.experimental.stateless_fold_in(example_seed, v), 2
+        )
+      )
+      view = random_resized_crop(
+        image, crop_seed, size=size, area_range=area, aspect_ratio_range=aspect
+      )
+      views.append(tf.image.stateless_random_flip_left_right(view, flip_seed))
+    return {
+      "image": tf.stack(views),
+      "label": tf.fill([random_views], label),
+      "mask": tf.ones([random_views], tf.bool),
+    }
 
   pad = {
     "image": tf.zeros([size, size, 3], tf.float32),
     "label": tf.constant(0, tf.int32),
     "mask": tf.constant(False),
   }
-  ds = source.examples(None).map(transform, num_parallel_calls=_AUTOTUNE, deterministic=True)
+  ds = source.examples(None).enumerate()
+  ds = ds.map(transform, num_parallel_calls=_AUTOTUNE, deterministic=True)
   # A file that fails now is dropped; the generous padding keeps the batch count fixed anyway.
-  padding = num_batches * local_batch - source.host_examples + local_batch
-  ds = ds.ignore_errors(log_warning=True)
+  padding = num_batches * local_batch - source.host_examples * per_example + local_batch
+  ds = ds.ignore_errors(log_warning=True).unbatch()
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
   ds = ds.batch(local_batch, drop_remainder=True).take(num_batches).map(_shard_for_devices)
   return ds.prefetch(_AUTOTUNE), source, num_batches
@@ -471,8 +515,15 @@ def create_pretrain_iterator(
 
 
 def create_eval_iterator(
-  config: ml_collections.ConfigDict, split: str, *, batch_size: int
+  config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  batch_size: int,
+  random_views: int = 0,
+  seed: int = 0,
 ) -> InputIterator:
   """One padded, masked evaluation pass on the local devices; see `eval_dataset`."""
-  ds, source, num_batches = eval_dataset(config, split, batch_size=batch_size)
+  ds, source, num_batches = eval_dataset(
+    config, split, batch_size=batch_size, random_views=random_views, seed=seed
+  )
   return InputIterator(ds, source, num_batches, config.data.prefetch)

@@ -79,6 +79,8 @@ def extract_features(
   *,
   batch_size: int,
   depths: tuple[int, ...] = (0,),
+  random_views: int = 0,
+  seed: int = 0,
 ) -> tuple[dict[int, np.ndarray], np.ndarray]:
   """Frozen features of every example of `split`, each exactly once (padding dropped by mask).
 
@@ -90,17 +92,22 @@ def extract_features(
     batch_size: global batch; rounded up to a multiple of the device count. Does not change the
       features.
     depths: head layers kept for each wanted layer, each in [0, L].
+    random_views: 0 for the centre view; K >= 1 for K random views per example (see
+      `input_pipeline.eval_dataset`), example i's at rows i*K .. i*K+K-1.
+    seed: seed of the random views.
 
   Returns:
-    ({depth: float32 [N, D_depth]}, labels int32 [N]), N the split's decodable examples over all
-    hosts, in the input pipeline's order.
+    ({depth: float32 [N * max(1, K), D_depth]}, labels int32 [N * max(1, K)]), N the split's
+    decodable examples over all hosts, in the input pipeline's order.
 
   Raises:
     ValueError: the errors of `input_pipeline.create_eval_iterator` (missing root or split, ...).
   """
   devices = jax.device_count()
   batch_size = math.ceil(batch_size / devices) * devices
-  batches = input_pipeline.create_eval_iterator(config, split, batch_size=batch_size)
+  batches = input_pipeline.create_eval_iterator(
+    config, split, batch_size=batch_size, random_views=random_views, seed=seed
+  )
   apply = _layers_fn(model, tuple(depths), bool(config.augment.get("normalize", False)))
   replicated = train.replicate(variables)
   # Fetched per batch so device memory holds one batch of features, not the split's.
@@ -117,9 +124,14 @@ def extract_features(
   layers = [rows([o[i] for o, _, _ in outputs]) for i in range(len(depths))]
   if jax.process_count() > 1:
     mask, labels, *layers = multihost_utils.process_allgather((mask, labels, *layers), tiled=True)
-  if mask.sum() < batches.num_examples:
+  if mask.sum() < batches.num_examples * max(1, random_views):
     logging.warning(
-      "%s: %d of %d examples could be read", split, int(mask.sum()), batches.num_examples
+      "%s: %d of %d rows could be read (%d examples x %d views)",
+      split,
+      int(mask.sum()),
+      batches.num_examples * max(1, random_views),
+      batches.num_examples,
+      max(1, random_views),
     )
   features = {d: np.asarray(x[mask], np.float32) for d, x in zip(depths, layers, strict=True)}
   return features, np.asarray(labels[mask], np.int32)
@@ -180,6 +192,7 @@ def evaluate_layer(
   num_classes: int,
   classifier: str = "logistic",
   seed: int = 0,
+  extra_train: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
   """Trains the probe on one layer's labelled features and scores it and kNN on the test split.
 
@@ -187,6 +200,8 @@ def evaluate_layer(
     train_features: float [N, D], the labelled subset; train_labels: int [N], every class present.
     test_features: float [M, D]; test_labels: int [M].
     num_classes: C; classifier: one of `CLASSIFIERS`; seed: seed of the SGD probe.
+    extra_train: (float [K, D], int [K]) more training rows for the probe only (augmented views
+      of the labelled examples); the kNN memory stays `train_features`.
 
   Returns:
     ({'top1', ['top5'], 'knn': {'k20': {'k', 'top1'[, 'top5']}, 'k200': ...}}, test predictions
@@ -195,10 +210,14 @@ def evaluate_layer(
   Raises:
     ValueError: unknown classifier.
   """
+  probe_x, probe_y = train_features, train_labels
+  if extra_train is not None:
+    probe_x = np.concatenate([train_features, extra_train[0]])
+    probe_y = np.concatenate([train_labels, extra_train[1]])
   if classifier == "logistic":
-    probe = probes.fit_logistic(train_features, train_labels)
+    probe = probes.fit_logistic(probe_x, probe_y)
   elif classifier == "linear_sgd":
-    probe = probes.fit_linear_sgd(train_features, train_labels, num_classes=num_classes, seed=seed)
+    probe = probes.fit_linear_sgd(probe_x, probe_y, num_classes=num_classes, seed=seed)
   else:
     raise ValueError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
   probabilities = probe(test_features)
@@ -249,6 +268,7 @@ def run_linear_probe(
   output_dir: str | None = None,
   image_size: int | None = None,
   crop_fraction: float | None = None,
+  train_views: int = 0,
 ) -> dict[str, Any]:
   """Linear evaluation of a pretraining run, from its checkpoint alone (SimCLR §4; the seed's).
 
@@ -272,6 +292,10 @@ def run_linear_probe(
     crop_fraction: centre-crop fraction in (0, 1] of the shorter side; None keeps the
       checkpoint config's `data.eval_crop_fraction`. Ignored (1, the whole image) when the
       pretraining crops were at most 32 px; `settings` records the fraction used.
+    train_views: K >= 1 adds K random views (random-resized crop with the pretraining's area and
+      aspect ranges, left-right flip, no colour distortion) of each labelled image to the
+      probe's training set, as SimCLR's reference code augments its linear classifier's
+      training; 0 trains on the centre views only. kNN always uses the centre views.
 
   Returns:
     The contents of `results.json`: 'settings', 'top1' (and 'top5' with >= 10 classes), 'knn',
@@ -281,8 +305,8 @@ def run_linear_probe(
   Raises:
     FileNotFoundError: no checkpoint (or not that step) in `workdir`.
     ValueError: classes of the data differ from the checkpoint's, bad label fraction,
-      `remove_top_layers`, classifier, `image_size` (< 1) or `crop_fraction` (outside (0, 1]),
-      and the input pipeline's errors.
+      `remove_top_layers`, classifier, `image_size` (< 1), `crop_fraction` (outside (0, 1]) or
+      `train_views` (< 0), and the input pipeline's errors.
   """
   if classifier not in CLASSIFIERS:
     raise ValueError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
@@ -290,6 +314,8 @@ def run_linear_probe(
     raise ValueError(f"image_size={image_size} must be a positive number of pixels.")
   if crop_fraction is not None and not 0 < crop_fraction <= 1:
     raise ValueError(f"crop_fraction={crop_fraction} must be in (0, 1].")
+  if train_views < 0:
+    raise ValueError(f"train_views={train_views} must be >= 0 (0: centre views only).")
   pretrained = checkpoint.load_pretrained(workdir, step)
   config, class_names = _data_config(pretrained, data_root)
   if image_size is not None:
@@ -309,6 +335,13 @@ def run_linear_probe(
   train_features, train_labels = extract(config.data.train_split)
   subset, counts = label_subset(train_labels, label_fraction, num_classes=num_classes, seed=seed)
   test_features, test_labels = extract(config.data.eval_split)
+  extra = {d: None for d in depths}
+  if train_views:
+    view_features, view_labels = extract(
+      config.data.train_split, random_views=train_views, seed=seed
+    )
+    rows = (subset[:, None] * train_views + np.arange(train_views)).ravel()
+    extra = {d: (view_features[d][rows], view_labels[rows]) for d in depths}
 
   evaluations = {}
   for d in depths:
@@ -320,6 +353,7 @@ def run_linear_probe(
       num_classes=num_classes,
       classifier=classifier,
       seed=seed,
+      extra_train=extra[d],
     )
   result, predictions = evaluations[depth]
   results: dict[str, Any] = {
@@ -333,6 +367,8 @@ def run_linear_probe(
       "image_size": config.data.image_size,
       "eval_image_size": input_pipeline.eval_image_size(config.data),
       "eval_crop_fraction": input_pipeline.eval_crop_fraction(config.data),
+      "train_views": train_views,
+      "probe_train_rows": len(subset) + (len(extra[depth][1]) if train_views else 0),
       "classifier": classifier,
       "layer": layer_name(depth, num_layers),
       "head_layers_kept": depth,

@@ -341,6 +341,36 @@ def test_eval_image_size_reads_real_pixels_through_the_cache(tmp_path):
     input_pipeline.eval_image_size(config.data)
 
 
+def test_random_views_are_consecutive_seeded_crops_and_flips(tmp_path):
+  gradient = np.stack(np.meshgrid(np.linspace(0, 255, 40), np.linspace(0, 255, 30)), -1)
+  pixels = np.concatenate([gradient, gradient[..., :1]], -1).astype(np.uint8)
+  for name in ("a", "b"):
+    for i in range(3):
+      image = (pixels * (0.5 + 0.15 * i)).astype(np.uint8)  # brighter, same left-to-right ramp
+      _save(f"{tmp_path}/train/{name}/{i}.png", Image.fromarray(image), "PNG")
+  config = config_for(tmp_path, image_size=16, eval_crop_fraction=1.0)
+
+  def rows(**kwargs):
+    it = input_pipeline.create_eval_iterator(config, "train", batch_size=8, **kwargs)
+    batches = [jax.device_get(b) for b in it]
+    mask = np.concatenate([b["mask"].ravel() for b in batches])
+    images = np.concatenate([b["image"].reshape(-1, 16, 16, 3) for b in batches])[mask]
+    return images, np.concatenate([b["label"].ravel() for b in batches])[mask]
+
+  centre, centre_labels = rows()
+  views, labels = rows(random_views=3, seed=1)
+  assert views.shape == (6 * 3, 16, 16, 3) and 0 <= views.min() and views.max() <= 1
+  np.testing.assert_array_equal(labels, np.repeat(centre_labels, 3))
+  assert len({v.tobytes() for v in views}) == len(views)  # every view its own crop
+  np.testing.assert_array_equal(rows(random_views=3, seed=1)[0], views)
+  assert not np.array_equal(rows(random_views=3, seed=2)[0], views)
+  # A view's left-right gradient runs with or without a flip: both directions occur.
+  slopes = np.sign(views[:, 8, -1, 0] - views[:, 8, 0, 0])
+  assert {-1.0, 1.0} <= set(slopes.tolist())
+  with pytest.raises(ValueError, match="random_views=-1"):
+    rows(random_views=-1)
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_tfds_source(cache):
   config = config_for("", image_size=8, batch_size=4, source="tfds", tfds_name="cifar10")

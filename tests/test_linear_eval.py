@@ -197,7 +197,7 @@ def test_cli(pretrained_run, capsys):
   _, workdir = pretrained_run
   argv = ["run_linear.py", f"--workdir={workdir}", "--remove_top_layers=0", "--sweep_layers"]
   argv += ["--classifier=linear_sgd", "--label_fraction=1.0", f"--batch_size={BATCH_SIZE}"]
-  argv += ["--image_size=24", "--crop_fraction=0.5"]
+  argv += ["--image_size=24", "--crop_fraction=0.5", "--train_views=2"]
   with flagsaver.flagsaver():
     run_linear.FLAGS(argv)
     run_linear.main(argv[:1])
@@ -208,8 +208,11 @@ def test_cli(pretrained_run, capsys):
     written = json.load(f)
   assert written["settings"]["remove_top_layers"] == 0
   assert written["settings"]["eval_image_size"] == 24
+  assert written["settings"]["train_views"] == 2
+  assert written["settings"]["probe_train_rows"] == 48 * 3  # centre view + 2 random views each
   assert written["settings"]["eval_crop_fraction"] == 1.0  # 32 px pretraining: whole images
   assert "Views: centre crop 1.0 of the shorter side at 24 px (pretraining crops: 32 px)" in out
+  assert "probe also trained on 2 random views of each labelled image" in out
   assert written["top1"] > 0.6
 
 
@@ -226,6 +229,8 @@ def test_bad_inputs(pretrained_run, tmp_path):
     linear_eval.run_linear_probe(workdir, label_fraction=0.02, batch_size=BATCH_SIZE)
   with pytest.raises(ValueError, match="classifier"):
     linear_eval.run_linear_probe(workdir, classifier="svm")
+  with pytest.raises(ValueError, match="train_views=-1"):
+    linear_eval.run_linear_probe(workdir, train_views=-1)
   with pytest.raises(ValueError, match="image_size=0"):
     linear_eval.run_linear_probe(workdir, image_size=0)
   with pytest.raises(ValueError, match=r"crop_fraction=1.5 must be in \(0, 1\]"):

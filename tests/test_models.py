@@ -311,12 +311,18 @@ def test_build_model_rejects_bad_values(field, value):
     models.build_model(config, image_size=32)
 
 
-@pytest.mark.parametrize("hw,strides", [(2, 1), (3, 2), (4, 2), (1, 1), (6, 1), (9, 2)])
-def test_conv_equals_flax_conv_on_every_path(hw, strides):
-  """models.Conv (shifted-matmul path for outputs <= 2x2) == nn.Conv, values and gradients."""
-  x = jax.random.normal(jax.random.PRNGKey(0), (3, hw, hw, 5))
-  ours = models.Conv(7, (3, 3), strides, padding=1)
-  ref = nn.Conv(7, (3, 3), strides, padding=1, use_bias=False)
+@pytest.mark.parametrize(
+  "hw,strides,channels,kernel",
+  [(2, 1, 5, 3), (3, 2, 5, 3), (4, 2, 5, 3), (1, 1, 5, 3), (6, 1, 5, 3), (9, 2, 5, 3)]
+  + [(9, 2, 3, 7), (8, 2, 3, 7), (5, 1, 4, 3), (3, 2, 1, 7)],  # RGB-stem (patches) path
+)
+def test_conv_equals_flax_conv_on_every_path(hw, strides, channels, kernel):
+  """models.Conv (shifted matmuls for outputs <= 2x2, one patches matmul for <= 4 input
+  channels, else XLA's convolution) == nn.Conv, values and gradients."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, hw, hw, channels))
+  padding = kernel // 2
+  ours = models.Conv(7, (kernel, kernel), strides, padding=padding)
+  ref = nn.Conv(7, (kernel, kernel), strides, padding=padding, use_bias=False)
   params = ours.init(jax.random.PRNGKey(1), x)
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
     ref.init(jax.random.PRNGKey(1), x)

@@ -25,9 +25,6 @@ Dtype = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-PATCHES_MAX_CHANNELS = 4  # input channels up to which `Conv` multiplies explicit patches
-
-
 class Conv(nn.Module):
   """2-D convolution without bias, NHWC, symmetric zero padding; drop-in for `nn.Conv` here.
 
@@ -35,10 +32,7 @@ class Conv(nn.Module):
   `nn.Conv(features, kernel_size, strides, padding, use_bias=False)`. When the output is at most
   2x2, the convolution is computed as a sum of kh*kw shifted matrix products instead: XLA's CPU
   convolution takes ~90x longer on such maps (measured: 3x3x512 conv on 256 maps of 2x2, 2.2 s vs
-  0.025 s), which made ResNet-18 at 64 px slower than at 96 px. With at most
-  `PATCHES_MAX_CHANNELS` input channels (the RGB stem) it is one matrix product of the explicit
-  kh*kw*C_in patches, whose kernel gradient is again one product; XLA's CPU convolution and its
-  kernel gradient are slow with 3 input channels (figures in docs/benchmarks.md).
+  0.025 s), which made ResNet-18 at 64 px slower than at 96 px.
   """
 
   features: int
@@ -60,25 +54,17 @@ class Conv(nn.Module):
     s, p = self.strides, self.padding
     out_h = (x.shape[1] + 2 * p - kh) // s + 1
     out_w = (x.shape[2] + 2 * p - kw) // s + 1
-    patches = x.shape[-1] <= PATCHES_MAX_CHANNELS and kh * kw > 1
-    if not patches and (max(out_h, out_w) > 2 or kh * kw == 1):
+    if max(out_h, out_w) > 2 or kh * kw == 1:
       return jax.lax.conv_general_dilated(
         x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC")
       )
     x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    taps = [
-      x[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s, :]
-      for i in range(kh)
-      for j in range(kw)
-    ]
-    if patches:
-      # The RGB stem: one [N*H'*W', kh*kw*C_in] x [kh*kw*C_in, features] product (its kernel
-      # gradient is the transposed product) instead of XLA's slow few-channel convolution.
-      return jnp.concatenate(taps, axis=-1) @ kernel.reshape(-1, self.features)
-    # Taps in row-major (i, j) order, as the kernel's leading axes.
-    return sum(
-      tap @ k for tap, k in zip(taps, kernel.reshape(kh * kw, *kernel.shape[2:]), strict=True)
-    )
+    out = 0
+    for i in range(kh):
+      for j in range(kw):
+        tap = x[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s, :]
+        out = out + tap @ kernel[i, j]
+    return out
 
 
 def _max_pool_taps(x: jnp.ndarray):

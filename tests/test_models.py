@@ -314,11 +314,11 @@ def test_build_model_rejects_bad_values(field, value):
 @pytest.mark.parametrize(
   "hw,strides,channels,kernel",
   [(2, 1, 5, 3), (3, 2, 5, 3), (4, 2, 5, 3), (1, 1, 5, 3), (6, 1, 5, 3), (9, 2, 5, 3)]
-  + [(9, 2, 3, 7), (8, 2, 3, 7), (5, 1, 4, 3), (3, 2, 1, 7)],  # RGB-stem (patches) path
+  + [(9, 2, 3, 7), (8, 2, 3, 7), (5, 1, 4, 3), (3, 2, 1, 7)],  # stem-like: few input channels
 )
 def test_conv_equals_flax_conv_on_every_path(hw, strides, channels, kernel):
-  """models.Conv (shifted matmuls for outputs <= 2x2, one patches matmul for <= 4 input
-  channels, else XLA's convolution) == nn.Conv, values and gradients."""
+  """models.Conv (shifted matmuls for outputs <= 2x2, else XLA's convolution) == nn.Conv,
+  values and gradients."""
   x = jax.random.normal(jax.random.PRNGKey(0), (3, hw, hw, channels))
   padding = kernel // 2
   ours = models.Conv(7, (kernel, kernel), strides, padding=padding)

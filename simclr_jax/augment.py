@@ -178,8 +178,15 @@ def augment_batch(
   *,
   normalize: bool = False,
   example_ids: jax.Array | None = None,
+  loop: bool | None = None,
 ) -> jax.Array:
-  """`augment_image` on each image with its own key, vmapped; jittable.
+  """`augment_image` on each image with its own key; jittable.
+
+  The per-image random choices (apply or not, the colour ops' order) are branches: under `vmap`
+  every branch runs for every image and the results are selected, while a sequential loop
+  (`lax.map`) runs only the branches taken. On CPU the loop measured 2-7x faster (128 images,
+  one view: 64 px 51 -> 7 ms; 96 px with blur 337 -> 163 ms); on accelerators `vmap`'s
+  parallelism wins. Same values either way (tested).
 
   Args:
     rng: PRNG key; fold the step (and, without `example_ids`, the device index) into it first.
@@ -189,6 +196,8 @@ def augment_batch(
     example_ids: optional int ``[B]``, each image's index in the global batch; its key is then
       ``fold_in(rng, id)``, so the draws do not depend on how the batch is split over devices.
       Without it the keys are ``split(rng, B)``.
+    loop: True for a sequential loop over the images, False for `vmap`; None picks the loop
+      on the CPU backend and `vmap` elsewhere.
 
   Returns:
     float32 ``[B, H, W, 3]``, in [0, 1] unless normalised.
@@ -197,7 +206,12 @@ def augment_batch(
     keys = jax.random.split(rng, images.shape[0])
   else:
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
-  out = jax.vmap(lambda k, x: augment_image(k, x, view_config))(keys, images)
+  if loop is None:
+    loop = jax.default_backend() == "cpu"
+  if loop:
+    out = jax.lax.map(lambda args: augment_image(args[0], args[1], view_config), (keys, images))
+  else:
+    out = jax.vmap(lambda k, x: augment_image(k, x, view_config))(keys, images)
   return normalize_images(out) if normalize else out
 
 

@@ -79,6 +79,22 @@ def test_jit_eager_and_vmap_agree():
   np.testing.assert_allclose(eager, jitted[1], atol=1e-5)
 
 
+def test_loop_and_vmap_give_the_same_views():
+  """The CPU's sequential loop and vmap (accelerators) run the same per-image computation."""
+  images = colourful(8, seed=1)
+  config = view_config(solarize_prob=0.5)  # every op on, blur p=0.5, random colour order
+  key = jax.random.key(5)
+  ids = jnp.arange(8) + 3
+  outs = [
+    jax.jit(functools.partial(augment.augment_batch, view_config=config, loop=loop))(
+      key, images, example_ids=ids
+    )
+    for loop in (True, False)
+  ]
+  np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+  assert float(jnp.abs(outs[0] - images).max()) > 0.1  # augmented, not passed through
+
+
 @pytest.mark.parametrize("op", ["brightness", "contrast", "saturation", "hue"])
 def test_each_colour_op_alone_changes_a_colourful_image(op):
   image = colourful()[0]

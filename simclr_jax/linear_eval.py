@@ -124,14 +124,15 @@ def extract_features(
   layers = [rows([o[i] for o, _, _ in outputs]) for i in range(len(depths))]
   if jax.process_count() > 1:
     mask, labels, *layers = multihost_utils.process_allgather((mask, labels, *layers), tiled=True)
-  if mask.sum() < batches.num_examples * max(1, random_views):
+  views = max(1, random_views)
+  if mask.sum() < batches.num_examples * views:
     logging.warning(
       "%s: %d of %d rows could be read (%d examples x %d views)",
       split,
       int(mask.sum()),
-      batches.num_examples * max(1, random_views),
+      batches.num_examples * views,
       batches.num_examples,
-      max(1, random_views),
+      views,
     )
   features = {d: np.asarray(x[mask], np.float32) for d, x in zip(depths, layers, strict=True)}
   return features, np.asarray(labels[mask], np.int32)

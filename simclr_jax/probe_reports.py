@@ -125,11 +125,11 @@ def format_summary(results: dict[str, Any]) -> str:
     f"Probe: {s['classifier']} on {s['layer']} ({s['feature_dim']}-d), "
     f"{s['num_labelled']} of {s['num_train']} training labels ({s['label_fraction']:g}: "
     f"{per_class}); {s['num_test']} test images",
-    f"Views: centre crop {s.get('eval_crop_fraction', 'default')} of the shorter side at "
-    f"{s.get('eval_image_size', s['image_size'])} px (pretraining crops: {s['image_size']} px)"
+    f"Views: centre crop {s['eval_crop_fraction']} of the shorter side at "
+    f"{s['eval_image_size']} px (pretraining crops: {s['image_size']} px)"
     + (
       f"; probe also trained on {s['train_views']} random views of each labelled image"
-      if s.get("train_views")
+      if s["train_views"]
       else ""
     ),
     "",

@@ -36,6 +36,9 @@ flags.DEFINE_list(
 )
 flags.DEFINE_integer("steps", 5, "Timed steps per case (after 2 warm-up steps).")
 flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
+flags.DEFINE_integer(
+  "grad_chunk", None, "model.conv_grad_chunk (images per backward chunk); default: auto."
+)
 flags.DEFINE_bool("breakdown", False, "Also time augmentation, forward, forward+gradient alone.")
 
 
@@ -44,6 +47,7 @@ def _config(depth: int, size: int, batch: int, cifar: bool):
   config.model.depth = depth
   config.model.cifar_stem = cifar
   config.model.dtype = FLAGS.dtype
+  config.model.conv_grad_chunk = FLAGS.grad_chunk
   config.data.image_size = size
   config.batch_size = batch
   return config

@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # compute dtype; parameters stay float32
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-5
+  # Images per chunk of the convolutions' backward pass (speed only); None: 32 on CPU, else 0
+  # (the whole batch at once).
+  config.model.conv_grad_chunk = ml_collections.FieldReference(None, field_type=int)
   config.model.head = ml_collections.ConfigDict()
   config.model.head.preset = "simclr"  # "simclr": Dense+BN layers, last 128-d, no bias/ReLU
   config.model.head.num_layers = 2

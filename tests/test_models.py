@@ -301,6 +301,7 @@ def test_feature_dim(depth, width_multiplier, expected):
     ("head.preset", "byol"),
     ("width_multiplier", 0.0),
     ("head.num_layers", 0),
+    ("conv_grad_chunk", -1),
   ],
 )
 def test_build_model_rejects_bad_values(field, value):
@@ -336,6 +337,45 @@ def test_conv_equals_flax_conv_on_every_path(hw, strides, channels, kernel):
   g_ref = jax.grad(loss, argnums=(1, 2))(ref, params, x)
   for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_ref), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("grad_chunk", [0, 1, 2, 5, 8])
+@pytest.mark.parametrize("strides,kernel", [(1, 3), (2, 3), (2, 7), (2, 1)])
+def test_conv_chunked_backward_equals_flax_conv_gradients(grad_chunk, strides, kernel):
+  """The backward pass over chunks of images (concatenated input gradient, summed kernel
+  gradient) == nn.Conv's gradients, for chunks that divide the batch of 5, that do not, and none."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 9, 9, 4))
+  padding = kernel // 2
+  ours = models.Conv(6, (kernel, kernel), strides, padding=padding, grad_chunk=grad_chunk)
+  ref = nn.Conv(6, (kernel, kernel), strides, padding=padding, use_bias=False)
+  params = ours.init(jax.random.PRNGKey(1), x)
+  # A per-image weighting makes every image's gradient different, so a chunk taken twice or
+  # dropped changes the result.
+  weights = jnp.arange(1.0, 6.0)[:, None, None, None]
+
+  def loss(module, p, x):
+    return jnp.sum(weights * jnp.sin(module.apply(p, x)))
+
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  g_ours = jax.grad(loss, argnums=(1, 2))(ours, params, x)
+  g_ref = jax.grad(loss, argnums=(1, 2))(ref, params, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_ref), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_chunked_backward_in_bfloat16_accumulates_in_float32():
+  """bf16 compute: the chunked kernel gradient keeps the kernel's dtype and matches the float32
+  gradient to bf16 precision (the chunks' sum is accumulated in float32)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 6, 6, 3))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4)) * 0.3
+
+  def loss(k, x, chunk):
+    return jnp.sum(models.conv2d(x, k, 1, 1, chunk).astype(jnp.float32) ** 2)
+
+  g16 = jax.grad(loss)(kernel.astype(jnp.bfloat16), x.astype(jnp.bfloat16), 1)
+  g32 = jax.grad(loss)(kernel, x, 0)
+  assert g16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(g16), g32, rtol=0.05, atol=0.05 * float(jnp.abs(g32).max()))
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3), (1, 1, 1, 2), (3, 2, 5, 4)])

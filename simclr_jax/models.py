@@ -28,8 +28,12 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Images per chunk of the convolutions' backward pass on CPU. Measured on a 2-core CPU
 # (docs/benchmarks.md): XLA's kernel gradient of a 3x3x64x64 convolution over 256 maps of 16x16
 # took 168 ms in one piece and 71 ms as eight chunks of 32, the ImageNet stem's 156 -> 97 ms;
-# chunks of 32 were never slower than one piece for any ResNet-18 layer at 64 or 96 px.
+# a backward pass in chunks of 32 was never slower than in one piece for any ResNet-18 layer at
+# 64 or 96 px (chunking the forward pass did not help, so it stays whole).
 CPU_GRAD_CHUNK = 32
+# At most this many chunks per convolution: the chunk loop is unrolled in the compiled step, so
+# very large per-device batches get bigger chunks rather than ever longer compiles.
+MAX_GRAD_CHUNKS = 16
 
 
 def default_grad_chunk() -> int:
@@ -51,21 +55,24 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: int, grad_
   """2-D convolution (cross-correlation, as in every deep-learning library) with a chunked backward.
 
   The forward pass is XLA's convolution. The backward pass is XLA's too (its transposes of the
-  convolution), but run separately on consecutive chunks of `grad_chunk` images: the input
-  gradient is their concatenation, the kernel gradient their sum (accumulated in float32). Same
-  mathematics as the unchunked gradient; only the summation order of the kernel gradient differs.
-  On CPU, XLA's kernel gradient slows down more than linearly with the batch (cache), so chunks
-  are up to 2.4x faster (`CPU_GRAD_CHUNK`).
+  convolution), but run separately on consecutive chunks of images: the input gradient is their
+  concatenation, the kernel gradient their sum (each chunk's part in the kernel's dtype, the sum
+  in float32). Same mathematics as the unchunked gradient; only the summation order of the kernel
+  gradient differs. On CPU, XLA's kernel gradient slows down more than linearly with the batch
+  (cache), so chunks are up to 2.4x faster (`CPU_GRAD_CHUNK`; measurements in
+  docs/benchmarks.md, "Session 3").
 
   Args:
     x: float [N, H, W, C_in].
     kernel: float [kh, kw, C_in, C_out], same dtype as x.
-    stride: the same in both spatial dimensions, >= 1.
-    padding: zeros on each side of both spatial dimensions, >= 0.
-    grad_chunk: images per chunk of the backward pass; 0 or >= N: the whole batch at once.
+    stride: static int >= 1, the same in both spatial dimensions.
+    padding: static int >= 0, zeros on each side of both spatial dimensions.
+    grad_chunk: static int, images per chunk of the backward pass; <= 0 or >= N: the whole batch
+      at once. Raised to ceil(N / `MAX_GRAD_CHUNKS`) if smaller.
 
   Returns:
-    [N, (H + 2p - kh) // s + 1, (W + 2p - kw) // s + 1, C_out], dtype of x.
+    [N, (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1, C_out], dtype
+    of x.
   """
   return _conv(x, kernel, stride, padding)
 
@@ -74,14 +81,23 @@ def _conv2d_fwd(x, kernel, stride, padding, grad_chunk):
   return _conv(x, kernel, stride, padding), (x, kernel)
 
 
+def _conv_transposes(x, kernel, g, stride, padding):
+  """(dL/dx, dL/dkernel) for cotangent g: the convolution is linear in each operand, so its
+  gradients are its transposes (XLA's input- and kernel-gradient convolutions)."""
+  (dx,) = jax.linear_transpose(lambda x_: _conv(x_, kernel, stride, padding), x)(g)
+  (dkernel,) = jax.linear_transpose(lambda k_: _conv(x, k_, stride, padding), kernel)(g)
+  return dx, dkernel
+
+
 def _conv2d_bwd(stride, padding, grad_chunk, residuals, g):
   x, kernel = residuals
   n = x.shape[0]
-  step = grad_chunk if 0 < grad_chunk < n else n
+  step = max(grad_chunk, -(-n // MAX_GRAD_CHUNKS)) if 0 < grad_chunk < n else max(n, 1)
   dx_parts, dkernel = [], jnp.zeros(kernel.shape, jnp.float32)
   for start in range(0, n, step):
-    _, vjp = jax.vjp(lambda x_, k_: _conv(x_, k_, stride, padding), x[start : start + step], kernel)
-    dx_part, dk_part = vjp(g[start : start + step])
+    dx_part, dk_part = _conv_transposes(
+      x[start : start + step], kernel, g[start : start + step], stride, padding
+    )
     dx_parts.append(dx_part)
     dkernel = dkernel + dk_part.astype(jnp.float32)
   dx = dx_parts[0] if len(dx_parts) == 1 else jnp.concatenate(dx_parts)
@@ -520,7 +536,7 @@ def build_model(
 
   Raises:
     ValueError: naming the field, for an unknown depth, dtype or head preset, a non-positive
-      width multiplier or fewer than one head layer.
+      width multiplier, fewer than one head layer or a negative conv_grad_chunk.
   """
   _check_choice("model.depth", model_config.depth, RESNETS)
   _check_choice("model.dtype", model_config.dtype, DTYPES)

@@ -77,7 +77,7 @@ def median_seconds(fn, steps: int) -> float:
 
 def measure(memory_format: str, px: int, pairs: int, steps: int) -> tuple[float, float]:
   """Median seconds of the forward pass and of the whole train step."""
-  fmt = getattr(torch, f"{memory_format}_format")
+  fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}[memory_format]
   head = nn.Sequential(
     nn.Linear(512, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 100)
   )

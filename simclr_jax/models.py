@@ -93,15 +93,12 @@ def _conv2d_bwd(stride, padding, grad_chunk, residuals, g):
   x, kernel = residuals
   n = x.shape[0]
   step = max(grad_chunk, -(-n // MAX_GRAD_CHUNKS)) if 0 < grad_chunk < n else max(n, 1)
-  dx_parts, dkernel = [], jnp.zeros(kernel.shape, jnp.float32)
-  for start in range(0, n, step):
-    dx_part, dk_part = _conv_transposes(
-      x[start : start + step], kernel, g[start : start + step], stride, padding
-    )
-    dx_parts.append(dx_part)
-    dkernel = dkernel + dk_part.astype(jnp.float32)
-  dx = dx_parts[0] if len(dx_parts) == 1 else jnp.concatenate(dx_parts)
-  return dx, dkernel.astype(kernel.dtype)
+  parts = [
+    _conv_transposes(x[i : i + step], kernel, g[i : i + step], stride, padding)
+    for i in range(0, n, step)
+  ]
+  dkernel = sum(dk.astype(jnp.float32) for _, dk in parts)
+  return jnp.concatenate([dx for dx, _ in parts]), dkernel.astype(kernel.dtype)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -393,12 +393,32 @@ def test_conv_grad_chunk_is_capped_at_max_grad_chunks():
 
 
 def test_build_model_passes_conv_grad_chunk_to_every_conv():
-  """config.model.conv_grad_chunk reaches the encoder (and so every Conv it builds)."""
+  """config.model.conv_grad_chunk reaches every encoder convolution: with 2 images in chunks of
+  1, the gradient has two more transposed convolutions per convolution kernel than unchunked."""
   config = tiny.get_config().model
-  config.conv_grad_chunk = 4
-  assert models.build_model(config, image_size=32).encoder.conv_grad_chunk == 4
-  config.conv_grad_chunk = None
-  assert models.build_model(config, image_size=32).encoder.conv_grad_chunk is None
+  images = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
+
+  def gradient_convolutions(chunk):
+    config.conv_grad_chunk = chunk
+    model = models.build_model(config, image_size=32)
+    variables = model.init(jax.random.PRNGKey(1), images, train=False)
+
+    def loss(params):
+      (z, _), _ = model.apply(
+        {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
+      )
+      return jnp.sum(z**2)
+
+    return variables, _count_convolutions(jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr)
+
+  variables, whole = gradient_convolutions(0)
+  _, chunked = gradient_convolutions(1)
+  kernels = [
+    leaf
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]["encoder"])
+    if path[-1].key == "kernel"
+  ]
+  assert len(kernels) > 10 and chunked - whole == 2 * len(kernels)
 
 
 def test_conv_chunked_backward_in_bfloat16_keeps_dtype_and_value():

@@ -156,6 +156,44 @@ def test_blur_smooths_and_keeps_the_mean():
   np.testing.assert_allclose(out[centre].mean(), image[centre].mean(), atol=0.02)
 
 
+def _numpy_blur(image, sigma, kernel_size):
+  """Zero-padded separable Gaussian blur by its definition, in float64."""
+  radius = int(kernel_size / 2)
+  taps = np.arange(-radius, radius + 1)
+  kernel = np.exp(-(taps**2) / (2 * sigma**2))
+  kernel /= kernel.sum()
+  h, w, _ = image.shape
+  padded = np.pad(np.asarray(image, np.float64), ((radius, radius), (radius, radius), (0, 0)))
+  out = np.zeros(image.shape)
+  for a, ka in zip(taps, kernel, strict=True):
+    for b, kb in zip(taps, kernel, strict=True):
+      out += ka * kb * padded[radius + a : radius + a + h, radius + b : radius + b + w]
+  return out
+
+
+@pytest.mark.parametrize(
+  "height,width,sigma,kernel_size",
+  [(8, 8, 0.5, 3), (17, 12, 1.7, 5), (32, 32, 2.0, 3), (12, 9, 0.1, 4), (9, 14, 1.2, 30)],
+)
+def test_blur_matches_definition_and_dm_pix(height, width, sigma, kernel_size):
+  import dm_pix as pix
+
+  image = jax.random.uniform(jax.random.key(height * width), (height, width, 3))
+  out = augment.gaussian_blur(image, jnp.float32(sigma), kernel_size)
+  assert out.shape == image.shape and out.dtype == image.dtype
+  np.testing.assert_allclose(out, _numpy_blur(image, sigma, kernel_size), atol=2e-6)
+  np.testing.assert_allclose(out, pix.gaussian_blur(image, sigma, kernel_size), atol=2e-6)
+
+
+def test_blur_matrix_rows_are_the_clipped_kernel():
+  m = np.asarray(augment.gaussian_blur_matrix(7, jnp.float32(1.0), 3))
+  kernel = np.exp(-np.array([1.0, 0.0, 1.0]) / 2)
+  kernel /= kernel.sum()
+  np.testing.assert_allclose(m[3, 2:5], kernel, rtol=1e-6)
+  np.testing.assert_allclose(m[0, :2], kernel[1:], rtol=1e-6)  # left border: zero padding
+  assert np.count_nonzero(m) == 7 * 3 - 2
+
+
 def test_solarize_inverts_above_threshold():
   image = colourful()[0]
   out = augment.random_solarize(jax.random.key(0), image, probability=1.0, threshold=0.5)

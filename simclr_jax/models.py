@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 ModuleDef = Any
 Dtype = Any
@@ -104,14 +105,56 @@ def _conv2d_bwd(stride, padding, grad_chunk, residuals, g):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def small_map_conv_matrix(
+  kernel: jnp.ndarray, input_hw: tuple[int, int], stride: int, padding: int
+) -> jnp.ndarray:
+  """The dense matrix of a zero-padded 2-D convolution on maps of ``input_hw``.
+
+  ``out[n, ho, wo, :] = sum_{hi, wi} x[n, hi, wi, :] @ kernel[hi - stride*ho + padding,
+  wi - stride*wo + padding]`` over the taps inside the kernel (the rest read padding), so
+  ``conv(x) = x.reshape(N, -1) @ matrix`` reshaped to ``[N, H_out, W_out, C_out]``. Built as one
+  contraction of the kernel with 0/1 tap-selection matrices (no gather, so the kernel gradient is a
+  contraction too). Worth it only for tiny maps: the matrix has ``(H*W*C_in) x (H_out*W_out*C_out)``
+  entries (a 3x3x512x512 kernel on 2x2 maps: 2048 x 2048).
+
+  Args:
+    kernel: float [kh, kw, C_in, C_out].
+    input_hw: static (H, W) of the input maps.
+    stride, padding: static ints, as in `conv2d`.
+
+  Returns:
+    [H * W * C_in, H_out * W_out * C_out], dtype of kernel; rows ordered (h, w, c_in), columns
+    (h_out, w_out, c_out), matching row-major reshapes of NHWC arrays.
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  h_in, w_in = input_hw
+  out_h = (h_in + 2 * padding - kh) // stride + 1
+  out_w = (w_in + 2 * padding - kw) // stride + 1
+  # select[i, j, hi, wi, ho, wo] = 1 where input pixel (hi, wi) meets tap (i, j) of output (ho, wo).
+  rows = np.arange(h_in)[:, None] - stride * np.arange(out_h)[None, :] + padding  # [H, H_out]
+  cols = np.arange(w_in)[:, None] - stride * np.arange(out_w)[None, :] + padding  # [W, W_out]
+  select_h = rows[None] == np.arange(kh)[:, None, None]  # [kh, H, H_out]
+  select_w = cols[None] == np.arange(kw)[:, None, None]  # [kw, W, W_out]
+  select = np.einsum("iab,jcd->ijacbd", select_h, select_w).astype(np.float32)
+  matrix = jnp.einsum(
+    "ijacbd,ijkl->ackbdl",
+    jnp.asarray(select, kernel.dtype),
+    kernel,
+    precision=jax.lax.Precision.HIGHEST,
+  )
+  return matrix.reshape(h_in * w_in * c_in, out_h * out_w * c_out)
+
+
 class Conv(nn.Module):
   """2-D convolution without bias, NHWC, symmetric zero padding; drop-in for `nn.Conv` here.
 
   Same parameter (`kernel`, [kh, kw, C_in, features], LeCun-normal init) and the same result as
   `nn.Conv(features, kernel_size, strides, padding, use_bias=False)`. When the output is at most
-  2x2, the convolution is computed as a sum of kh*kw shifted matrix products instead: XLA's CPU
-  convolution takes ~90x longer on such maps (measured: 3x3x512 conv on 256 maps of 2x2, 2.2 s vs
-  0.025 s), which made ResNet-18 at 64 px slower than at 96 px. Otherwise the backward pass may
+  2x2, XLA's CPU convolution takes ~90x longer (measured: 3x3x512 conv on 256 maps of 2x2, 2.2 s vs
+  0.025 s), so the convolution is computed as matrix products instead: one product with the
+  convolution's dense matrix (`small_map_conv_matrix`) when the input has fewer pixels than the
+  kernel has taps (a 3x3 kernel on 2x2 maps: 16 input-output pixel pairs, not 36 tap products of
+  which 20 read padding), else a sum of kh*kw shifted products. Otherwise the backward pass may
   run over chunks of `grad_chunk` images (see `conv2d`).
   """
 
@@ -138,6 +181,10 @@ class Conv(nn.Module):
     if max(out_h, out_w) > 2 or kh * kw == 1:
       chunk = default_grad_chunk() if self.grad_chunk is None else self.grad_chunk
       return conv2d(x, kernel, s, p, chunk)
+    n, h_in, w_in, _ = x.shape
+    if h_in * w_in < kh * kw:
+      matrix = small_map_conv_matrix(kernel, (h_in, w_in), s, p)
+      return (x.reshape(n, -1) @ matrix).reshape(n, out_h, out_w, self.features)
     x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
     out = 0
     for i in range(kh):

@@ -315,11 +315,12 @@ def test_build_model_rejects_bad_values(field, value):
 @pytest.mark.parametrize(
   "hw,strides,channels,kernel",
   [(2, 1, 5, 3), (3, 2, 5, 3), (4, 2, 5, 3), (1, 1, 5, 3), (6, 1, 5, 3), (9, 2, 5, 3)]
+  + [(2, 2, 5, 3), (2, 1, 5, 5)]  # dense matrix: with a stride; with a 5x5 kernel
   + [(9, 2, 3, 7), (8, 2, 3, 7), (5, 1, 4, 3), (3, 2, 1, 7)],  # stem-like: few input channels
 )
 def test_conv_equals_flax_conv_on_every_path(hw, strides, channels, kernel):
-  """models.Conv (shifted matmuls for outputs <= 2x2, else XLA's convolution) == nn.Conv,
-  values and gradients."""
+  """models.Conv (for outputs <= 2x2 a dense matrix product or shifted products, else XLA's
+  convolution) == nn.Conv, values and gradients."""
   x = jax.random.normal(jax.random.PRNGKey(0), (3, hw, hw, channels))
   padding = kernel // 2
   ours = models.Conv(7, (kernel, kernel), strides, padding=padding)
@@ -339,14 +340,46 @@ def test_conv_equals_flax_conv_on_every_path(hw, strides, channels, kernel):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def _count_convolutions(jaxpr) -> int:
-  """conv_general_dilated equations in a closed jaxpr, sub-jaxprs (custom VJPs, pjit) included."""
+def _count_primitive(jaxpr, name: str) -> int:
+  """Equations of primitive `name` in a closed jaxpr, sub-jaxprs (custom VJPs, pjit) included."""
   count = 0
   for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == "conv_general_dilated"
+    count += eqn.primitive.name == name
     for sub in jax.core.jaxprs_in_params(eqn.params):
-      count += _count_convolutions(sub)
+      count += _count_primitive(sub, name)
   return count
+
+
+@pytest.mark.parametrize(
+  "hw,strides,kernel,dots",
+  [(2, 1, 3, 2), (1, 1, 3, 2), (2, 2, 3, 2), (3, 2, 3, 9), (4, 2, 3, 9), (2, 1, 5, 2)],
+)
+def test_small_map_path_is_one_dense_product_when_the_map_has_fewer_pixels_than_taps(
+  hw, strides, kernel, dots
+):
+  """H*W < kh*kw: two products (build the matrix, apply it); else kh*kw shifted products."""
+  x = jnp.ones((2, hw, hw, 4))
+  conv = models.Conv(6, (kernel, kernel), strides, padding=kernel // 2)
+  params = conv.init(jax.random.PRNGKey(0), x)
+  jaxpr = jax.make_jaxpr(conv.apply)(params, x).jaxpr
+  assert _count_primitive(jaxpr, "dot_general") == dots
+  assert _count_primitive(jaxpr, "conv_general_dilated") == 0
+
+
+def test_small_map_conv_matrix_rows_are_the_convolution_of_unit_images():
+  """Row r of the matrix = the convolution of the image that is 1 at input entry r, else 0."""
+  kernel = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 2, 3))
+  matrix = np.asarray(models.small_map_conv_matrix(kernel, (2, 3), 1, 1))
+  assert matrix.shape == (2 * 3 * 2, 2 * 3 * 3)
+  units = jnp.eye(12).reshape(12, 2, 3, 2)
+  ref = jax.lax.conv_general_dilated(
+    units, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  np.testing.assert_allclose(matrix, np.asarray(ref).reshape(12, -1), rtol=1e-6, atol=1e-6)
+
+
+def _count_convolutions(jaxpr) -> int:
+  return _count_primitive(jaxpr, "conv_general_dilated")
 
 
 @pytest.mark.parametrize("grad_chunk,chunks", [(0, 1), (1, 6), (2, 3), (4, 2), (6, 1), (8, 1)])

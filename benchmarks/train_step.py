@@ -10,7 +10,9 @@ augmentation of both views, the forward pass of both views (BN in training mode)
 gradient of the NT-Xent loss (no augmentation, no optimiser update).
 The step is the real one (`train.make_train_step`: augmentation, both views through the
 encoder, NT-Xent over all devices, LARS update), fed with a fixed on-device batch so the input
-pipeline is not measured here (see `benchmarks/input_pipeline.py`).
+pipeline is not measured here (see `benchmarks/input_pipeline.py`). `--noaugment` leaves the
+augmentation out, which is what `benchmarks/pytorch_reference.py` times for the seed (its
+augmentation runs in the data loader).
 """
 
 import functools
@@ -39,6 +41,13 @@ flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
 flags.DEFINE_integer(
   "grad_chunk", None, "model.conv_grad_chunk (images per backward chunk); default: auto."
 )
+flags.DEFINE_bool(
+  "augment",
+  True,
+  "Run the on-device augmentation inside the step (the real step). --noaugment times the model "
+  "step alone (forward, backward, LARS): the same work as the PyTorch reference's step, whose "
+  "augmentation runs in its data loader.",
+)
 flags.DEFINE_bool("breakdown", False, "Also time augmentation, forward, forward+gradient alone.")
 
 
@@ -48,6 +57,7 @@ def _config(depth: int, size: int, batch: int, cifar: bool):
   config.model.cifar_stem = cifar
   config.model.dtype = FLAGS.dtype
   config.model.conv_grad_chunk = FLAGS.grad_chunk
+  config.augment.enabled = FLAGS.augment
   config.data.image_size = size
   config.batch_size = batch
   return config
@@ -151,7 +161,8 @@ def run_case(spec: str) -> dict:
 
 def main(argv):
   del argv
-  print(f"devices: {jax.devices()}  dtype: {FLAGS.dtype}")
+  augmentation = "on-device augmentation included" if FLAGS.augment else "no augmentation"
+  print(f"devices: {jax.devices()}  dtype: {FLAGS.dtype}  {augmentation}")
   header = "| case | batch | compile s | step s | pairs/s | GFLOP/pair | GFLOP/s |"
   print(header)
   print("|" + "---|" * 7)

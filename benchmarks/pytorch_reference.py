@@ -11,7 +11,7 @@ projection head 512-100-100-100 (plain MLP with biases, ReLU between layers), NT
 2N views at temperature 0.05 (SimCLR eq. 1), Adam 1e-3. It prints the median seconds of the
 forward pass (without autograd, BN in training mode) and of the whole step (forward, backward,
 Adam) on a fixed random batch, so data loading and augmentation are not measured (the JAX benchmark
-likewise excludes the input pipeline but includes on-device augmentation; see
+likewise excludes the input pipeline and, with `--noaugment`, its on-device augmentation; see
 docs/benchmarks.md). Both memory formats are worth trying: oneDNN is faster on channels-last.
 """
 

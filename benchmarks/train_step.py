@@ -11,8 +11,8 @@ gradient of the NT-Xent loss (no augmentation, no optimiser update).
 The step is the real one (`train.make_train_step`: augmentation, both views through the
 encoder, NT-Xent over all devices, LARS update), fed with a fixed on-device batch so the input
 pipeline is not measured here (see `benchmarks/input_pipeline.py`). `--noaugment` leaves the
-augmentation out, which is what `benchmarks/pytorch_reference.py` times for the seed (its
-augmentation runs in the data loader).
+augmentation out, comparable to what `benchmarks/pytorch_reference.py` times for the seed (its
+augmentation runs in the data loader; its optimiser and head differ, a small share of the step).
 """
 
 import functools
@@ -45,8 +45,8 @@ flags.DEFINE_bool(
   "augment",
   True,
   "Run the on-device augmentation inside the step (the real step). --noaugment times the model "
-  "step alone (forward, backward, LARS): the same work as the PyTorch reference's step, whose "
-  "augmentation runs in its data loader.",
+  "step alone (forward, backward, LARS), comparable to the PyTorch reference's step, whose "
+  "augmentation runs in its data loader (its optimiser and head differ: Adam, 512-100-100-100).",
 )
 flags.DEFINE_bool("breakdown", False, "Also time augmentation, forward, forward+gradient alone.")
 

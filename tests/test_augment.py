@@ -173,7 +173,8 @@ def _numpy_blur(image, sigma, kernel_size):
 
 @pytest.mark.parametrize(
   "height,width,sigma,kernel_size",
-  [(8, 8, 0.5, 3), (17, 12, 1.7, 5), (32, 32, 2.0, 3), (12, 9, 0.1, 4), (9, 14, 1.2, 30)],
+  [(8, 8, 0.5, 3), (17, 12, 1.7, 5), (32, 32, 2.0, 3), (12, 9, 0.1, 4), (9, 14, 1.2, 30)]
+  + [(64, 48, 2.0, 6), (20, 14, 1.5, 4)],  # even sizes (64 px: 6) with visible outer taps
 )
 def test_blur_matches_definition_and_dm_pix(height, width, sigma, kernel_size):
   import dm_pix as pix

@@ -321,7 +321,20 @@ def test_build_model_rejects_bad_values(field, value):
 def test_conv_equals_flax_conv_on_every_path(hw, strides, channels, kernel):
   """models.Conv (for outputs <= 2x2 a dense matrix product or shifted products, else XLA's
   convolution) == nn.Conv, values and gradients."""
-  x = jax.random.normal(jax.random.PRNGKey(0), (3, hw, hw, channels))
+  _assert_conv_equals_flax_conv((hw, hw), strides, channels, kernel)
+
+
+@pytest.mark.parametrize(
+  "hw,strides",
+  # dense product, dense with a stride, shifted products (twice), XLA's convolution
+  [((1, 2), 1), ((2, 3), 2), ((4, 3), 2), ((3, 4), 2), ((3, 5), 2)],
+)
+def test_conv_equals_flax_conv_on_non_square_maps(hw, strides):
+  _assert_conv_equals_flax_conv(hw, strides, 5, 3)
+
+
+def _assert_conv_equals_flax_conv(hw, strides, channels, kernel):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, *hw, channels))
   padding = kernel // 2
   ours = models.Conv(7, (kernel, kernel), strides, padding=padding)
   ref = nn.Conv(7, (kernel, kernel), strides, padding=padding, use_bias=False)

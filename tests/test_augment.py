@@ -2,6 +2,7 @@
 
 import functools
 
+import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,8 +178,6 @@ def _numpy_blur(image, sigma, kernel_size):
   + [(64, 48, 2.0, 6), (20, 14, 1.5, 4)],  # even sizes (64 px: 6) with visible outer taps
 )
 def test_blur_matches_definition_and_dm_pix(height, width, sigma, kernel_size):
-  import dm_pix as pix
-
   image = jax.random.uniform(jax.random.key(height * width), (height, width, 3))
   out = augment.gaussian_blur(image, jnp.float32(sigma), kernel_size)
   assert out.shape == image.shape and out.dtype == image.dtype

@@ -391,10 +391,6 @@ def test_small_map_conv_matrix_rows_are_the_convolution_of_unit_images():
   np.testing.assert_allclose(matrix, np.asarray(ref).reshape(12, -1), rtol=1e-6, atol=1e-6)
 
 
-def _count_convolutions(jaxpr) -> int:
-  return _count_primitive(jaxpr, "conv_general_dilated")
-
-
 @pytest.mark.parametrize("grad_chunk,chunks", [(0, 1), (1, 6), (2, 3), (4, 2), (6, 1), (8, 1)])
 @pytest.mark.parametrize("strides,kernel", [(1, 3), (2, 3), (2, 7), (2, 1)])
 def test_conv_chunked_backward_equals_flax_conv_gradients(grad_chunk, chunks, strides, kernel):
@@ -419,7 +415,8 @@ def test_conv_chunked_backward_equals_flax_conv_gradients(grad_chunk, chunks, st
   for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_ref), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(ours, params, x)
-  assert _count_convolutions(jaxpr.jaxpr) == 1 + 2 * chunks  # forward, then dx and dW per chunk
+  # forward, then dx and dW per chunk
+  assert _count_primitive(jaxpr.jaxpr, "conv_general_dilated") == 1 + 2 * chunks
 
 
 def test_conv_grad_chunk_is_capped_at_max_grad_chunks():
@@ -432,7 +429,8 @@ def test_conv_grad_chunk_is_capped_at_max_grad_chunks():
     return jnp.sum(models.conv2d(x, k, 1, 1, 1) ** 2)
 
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(kernel, x)
-  assert _count_convolutions(jaxpr.jaxpr) == 1 + 2 * 11  # chunks of ceil(33 / 16) = 3 images
+  # chunks of ceil(33 / 16) = 3 images
+  assert _count_primitive(jaxpr.jaxpr, "conv_general_dilated") == 1 + 2 * 11
   ref = jax.grad(lambda k, x: jnp.sum(models.conv2d(x, k, 1, 1, 0) ** 2), argnums=(0, 1))
   for a, b in zip(jax.grad(loss, argnums=(0, 1))(kernel, x), ref(kernel, x), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -455,7 +453,8 @@ def test_build_model_passes_conv_grad_chunk_to_every_conv():
       )
       return jnp.sum(z**2)
 
-    return variables, _count_convolutions(jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr)
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr
+    return variables, _count_primitive(jaxpr, "conv_general_dilated")
 
   variables, whole = gradient_convolutions(0)
   _, chunked = gradient_convolutions(1)

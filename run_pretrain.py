@@ -42,6 +42,11 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   import jax
 
+  if FLAGS.config.num_cpu_devices < 0:
+    raise app.UsageError(f"config.num_cpu_devices must be >= 0, got {FLAGS.config.num_cpu_devices}")
+  if FLAGS.config.num_cpu_devices:
+    # Before JAX's backends start; the step is pmapped over these devices on a CPU-only host.
+    jax.config.update("jax_num_cpu_devices", FLAGS.config.num_cpu_devices)
   if FLAGS.multihost:
     # Unset values are auto-detected from the cluster (SLURM, Open MPI, Cloud TPU, ...).
     jax.distributed.initialize(

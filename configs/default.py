@@ -26,6 +26,11 @@ def view_augment(blur_prob: float = 0.5, solarize_prob: float = 0.0) -> ml_colle
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # JAX devices to split the host CPU into (jax_num_cpu_devices; run_pretrain.py sets it before JAX
+  # starts). The step is pmapped over them like over GPUs: each holds batch_size / N pairs, BN
+  # statistics are synced and negatives gathered, so the loss and update are those of one device.
+  # 0: JAX's default (1, or --xla_force_host_platform_device_count). Accelerators ignore it.
+  config.num_cpu_devices = 0
   config.batch_size = 4096  # global, both views of one image count once
   config.num_epochs = 100
   config.temperature = 0.1

@@ -207,9 +207,13 @@ def _run_cli(workdir, data_root, devices, *extra):
 
 
 def test_cli_end_to_end_and_resume_on_fewer_devices(tmp_path, data_root):
-  """run_pretrain.py on 4 devices writes everything; a second call on 1 device resumes."""
+  """run_pretrain.py on 4 devices writes everything; a second call on 1 device resumes.
+
+  The 4 devices come from config.num_cpu_devices, which overrides XLA_FLAGS' count of 1.
+  """
   workdir = str(tmp_path / "cli")
-  out = _run_cli(workdir, data_root, 4, "--config.num_epochs=1")
+  out = _run_cli(workdir, data_root, 1, "--config.num_epochs=1", "--config.num_cpu_devices=4")
+  assert "local devices: [CpuDevice(id=0), CpuDevice(id=1), CpuDevice(id=2), CpuDevice(id=3)]" in out
   assert "Pretraining finished at step 2" in out
   assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ["2"]
   assert os.path.exists(os.path.join(workdir, "training_losses.png"))
@@ -238,3 +242,20 @@ def test_bad_batch_size_is_a_clear_error(data_root, tmp_path):
   config = tiny_config(data_root, batch_size=10)  # not a multiple of the 4 devices
   with pytest.raises(ValueError, match="batch_size=10"):
     train.pretrain(config, str(tmp_path))
+
+
+def test_negative_cpu_device_count_is_a_clear_error(tmp_path, data_root):
+  command = [
+    sys.executable,
+    os.path.join(REPO, "run_pretrain.py"),
+    "--config",
+    os.path.join(REPO, "configs", "tiny.py"),
+    "--workdir",
+    str(tmp_path / "run"),
+    f"--config.data.root={data_root}",
+    "--config.num_cpu_devices=-1",
+  ]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode != 0
+  assert "config.num_cpu_devices must be >= 0, got -1" in result.stderr
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -35,6 +35,8 @@ class _QuietLibraries(logging.logging.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.config.num_cpu_devices < 0:
+    raise app.UsageError(f"config.num_cpu_devices must be >= 0, got {FLAGS.config.num_cpu_devices}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf
 
@@ -42,8 +44,6 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   import jax
 
-  if FLAGS.config.num_cpu_devices < 0:
-    raise app.UsageError(f"config.num_cpu_devices must be >= 0, got {FLAGS.config.num_cpu_devices}")
   if FLAGS.config.num_cpu_devices:
     # Before JAX's backends start; the step is pmapped over these devices on a CPU-only host.
     jax.config.update("jax_num_cpu_devices", FLAGS.config.num_cpu_devices)
@@ -57,6 +57,12 @@ def main(argv):
   from simclr_jax import train
 
   logging.info("JAX processes: %d, local devices: %s", jax.process_count(), jax.local_devices())
+  if FLAGS.config.num_cpu_devices and jax.default_backend() != "cpu":
+    logging.warning(
+      "config.num_cpu_devices=%d is ignored: the step runs on the %s devices",
+      FLAGS.config.num_cpu_devices,
+      jax.default_backend(),
+    )
   os.makedirs(FLAGS.workdir, exist_ok=True)
   summary = train.pretrain(FLAGS.config, FLAGS.workdir)
   logging.info("Done: %s", summary)

@@ -7,7 +7,7 @@ ResNet-18 on 64 px crops, tau 0.5, 380 epochs (3420 steps): 106 min on the 2-cor
 are cut from images cached at a shorter side of 128 px, so they are as sharp as the probe's view
 (with an 80 px cache most crops were upsampled; with that and 40 more epochs, the mean over 5
 label draws rose from 68.9% to 71.6%, README; 380 epochs instead of 340, which the faster step
-fits in the same time: 72.5%).
+fits in about the same time, 106 vs 102 min: 72.5%).
 The probe reads 128 px full-image views (`data.eval_image_size`, `data.eval_crop_fraction`):
 random-resized crops magnify objects, so a larger test view matches what the encoder saw (FixRes);
 the size was chosen by 5-fold cross-validation on the labelled 10%, not on the test split (README,

@@ -221,6 +221,7 @@ def test_cli_end_to_end_and_resume_on_fewer_devices(tmp_path, data_root):
   assert len(_history(workdir)) == 1 + 2
 
   out = _run_cli(workdir, data_root, 1, "--config.num_epochs=2")
+  assert "local devices: [CpuDevice(id=0)]" in out
   assert "Resuming from the checkpoint of step 2" in out
   assert "changed config" in out and "num_epochs: 1 -> 2" in out
   assert "Pretraining finished at step 4" in out

@@ -188,7 +188,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path,
 # ----------------------------------------------------------------------------- the CLI
 
 
-def _run_cli(workdir, data_root, devices, *extra):
+def _cli(workdir, data_root, devices, *extra) -> subprocess.CompletedProcess:
+  """run_pretrain.py on configs/tiny.py with `devices` fake CPU devices (XLA_FLAGS)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   command = [
@@ -201,7 +202,11 @@ def _run_cli(workdir, data_root, devices, *extra):
     f"--config.data.root={data_root}",
     *extra,
   ]
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _run_cli(workdir, data_root, devices, *extra):
+  result = _cli(workdir, data_root, devices, *extra)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout + result.stderr
 
@@ -247,17 +252,8 @@ def test_bad_batch_size_is_a_clear_error(data_root, tmp_path):
 
 
 def test_negative_cpu_device_count_is_a_clear_error(tmp_path, data_root):
-  command = [
-    sys.executable,
-    os.path.join(REPO, "run_pretrain.py"),
-    "--config",
-    os.path.join(REPO, "configs", "tiny.py"),
-    "--workdir",
-    str(tmp_path / "run"),
-    f"--config.data.root={data_root}",
-    "--config.num_cpu_devices=-1",
-  ]
-  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  workdir = str(tmp_path / "run")
+  result = _cli(workdir, data_root, 1, "--config.num_cpu_devices=-1")
   assert result.returncode != 0
   assert "config.num_cpu_devices must be >= 0, got -1" in result.stderr
-  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))

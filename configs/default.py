@@ -52,7 +52,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.shuffle_buffer = 10_000  # TFDS streams only; image lists are permuted in full
   config.data.check_files = True  # decode every file once at start; report and skip bad ones
   config.data.eval_crop_fraction = 0.875
-  config.data.eval_image_size = 0  # px of the probe's test view; 0: image_size (see FixRes)
+  config.data.eval_image_size = 0  # px of the probe's test view; 0: the last crop size (see FixRes)
+  # Progressive resizing: the last `final_size_epochs` epochs crop at `final_image_size` px, cut
+  # from images cached at `final_cache_shorter_side` (0: cache_shorter_side). One run: the same
+  # schedule, model (its stem follows image_size) and checkpoints; resuming in either phase picks
+  # the right size. 0 epochs: off.
+  config.data.final_size_epochs = 0
+  config.data.final_image_size = 0
+  config.data.final_cache_shorter_side = 0
   config.data.prefetch = 2
 
   config.augment = ml_collections.ConfigDict()

@@ -159,7 +159,9 @@ def eval_crop_fraction(data_config: ml_collections.ConfigDict) -> float:
 
 
 def eval_image_size(data_config: ml_collections.ConfigDict) -> int:
-  """Side in px of the evaluation view: ``data.eval_image_size``, or ``data.image_size`` if 0.
+  """Side in px of the evaluation view: ``data.eval_image_size``, or if 0 the size of the last
+  training crops (``data.final_image_size`` when ``data.final_size_epochs`` > 0, else
+  ``data.image_size``).
 
   A test view larger than the training crops undoes the apparent-object-size gap that random-
   resized crops open between training and test (Touvron et al. 2019, "FixRes", §3).
@@ -170,7 +172,11 @@ def eval_image_size(data_config: ml_collections.ConfigDict) -> int:
   size = int(data_config.get("eval_image_size", 0) or 0)
   if size < 0:
     raise ValueError(f"config.data.eval_image_size={size} must be >= 0 (0: data.image_size).")
-  return size or data_config.image_size
+  if size:
+    return size
+  final_size = int(data_config.get("final_image_size", 0) or 0)
+  final_on = int(data_config.get("final_size_epochs", 0) or 0) > 0 and final_size > 0
+  return final_size if final_on else data_config.image_size
 
 
 @dataclasses.dataclass(frozen=True)

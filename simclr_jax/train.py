@@ -45,6 +45,57 @@ def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) 
   return steps
 
 
+def final_phase_start(config: ml_collections.ConfigDict) -> int | None:
+  """The first (0-based) epoch cropped at ``data.final_image_size``, or None without that phase.
+
+  Progressive resizing (as in FixRes, Touvron et al. 2019, §3 and 5): most epochs run on small,
+  cheap crops, the last ``data.final_size_epochs`` on larger ones, under one learning-rate
+  schedule, so the encoder ends at the resolution the probe's larger test view shows it.
+
+  Raises:
+    ValueError: ``data.final_size_epochs`` outside [0, num_epochs], or > 0 with
+      ``data.final_image_size`` <= 0, or a negative ``data.final_cache_shorter_side``.
+  """
+  data = config.data
+  epochs = int(data.get("final_size_epochs", 0) or 0)
+  size = int(data.get("final_image_size", 0) or 0)
+  cache_side = int(data.get("final_cache_shorter_side", 0) or 0)
+  if not 0 <= epochs <= config.num_epochs:
+    raise ValueError(
+      f"config.data.final_size_epochs={epochs} must be in [0, num_epochs={config.num_epochs}]."
+    )
+  if epochs and size <= 0:
+    raise ValueError(
+      f"config.data.final_size_epochs={epochs} needs config.data.final_image_size > 0 (px), "
+      f"got {size}."
+    )
+  if cache_side < 0:
+    raise ValueError(
+      f"config.data.final_cache_shorter_side={cache_side} must be >= 0 (0: cache_shorter_side)."
+    )
+  return config.num_epochs - epochs if epochs else None
+
+
+def config_for_epoch(config: ml_collections.ConfigDict, epoch: int) -> ml_collections.ConfigDict:
+  """`config` with the crop size (and cache side) that pretraining uses in 0-based `epoch`.
+
+  Before `final_phase_start` (or without a final phase) this is `config` itself; from it on, a
+  copy whose ``data.image_size`` is ``data.final_image_size`` and, if set,
+  ``data.cache_shorter_side`` is ``data.final_cache_shorter_side``.
+
+  Raises:
+    ValueError: see `final_phase_start`.
+  """
+  start = final_phase_start(config)
+  if start is None or epoch < start:
+    return config
+  phase = config.copy_and_resolve_references()
+  phase.data.image_size = config.data.final_image_size
+  if config.data.final_cache_shorter_side:
+    phase.data.cache_shorter_side = config.data.final_cache_shorter_side
+  return phase
+
+
 def create_train_state(
   config: ml_collections.ConfigDict, model, rng: jax.Array, schedule: optax.Schedule
 ) -> TrainState:
@@ -152,6 +203,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       stays the latest on disk.
   """
   is_main = jax.process_index() == 0
+  switch_epoch = final_phase_start(config)  # validates data.final_* before anything is written
   class_names = input_pipeline.get_class_names(config.data)
   num_train = input_pipeline.num_examples(config.data, config.data.train_split)
   spe = steps_per_epoch(config, num_train)
@@ -194,7 +246,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     }
   # Built before the model so that bad data or batch settings fail before any compilation.
   batches = input_pipeline.create_pretrain_iterator(
-    config, seed=config.seed, start_epoch=start_step // spe
+    config_for_epoch(config, start_step // spe), seed=config.seed, start_epoch=start_step // spe
   )
   model = models.build_model(config.model, image_size=config.data.image_size, axis_name=AXIS_NAME)
   rng = jax.random.PRNGKey(config.seed)
@@ -283,6 +335,19 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             _checkpoint_tree(_unreplicate(p_state)),
             config=config,
             class_names=class_names,
+          )
+        if epoch == switch_epoch and step < total_steps:
+          # Progressive resizing: a new stream of larger crops from this epoch on (the step
+          # compiles once more for the new shape); the same stream a run resumed here reads.
+          final = config_for_epoch(config, epoch)
+          logging.info(
+            "Epoch %d on: %d px crops (cache %d px)",
+            epoch + 1,
+            final.data.image_size,
+            final.data.cache_shorter_side,
+          )
+          batches = input_pipeline.create_pretrain_iterator(
+            final, seed=config.seed, start_epoch=epoch
           )
     flush(total_steps)
   finally:

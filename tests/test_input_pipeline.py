@@ -336,6 +336,10 @@ def test_eval_image_size_reads_real_pixels_through_the_cache(tmp_path):
     assert view[0].max() - view[0].min() > 0.4  # the stripes survive
   config = config_for(tmp_path)
   assert input_pipeline.eval_image_size(config.data) == 8  # 0: the training size
+  config.data.final_image_size = 12
+  assert input_pipeline.eval_image_size(config.data) == 8  # no final phase: final size unused
+  config.data.final_size_epochs = 1
+  assert input_pipeline.eval_image_size(config.data) == 12  # 0: the last training crops' size
   config.data.eval_image_size = -1
   with pytest.raises(ValueError, match="eval_image_size=-1"):
     input_pipeline.eval_image_size(config.data)

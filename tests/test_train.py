@@ -185,6 +185,83 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path,
   assert checkpoint.load_pretrained(run).step == 4
 
 
+# ----------------------------------------------------------------------------- progressive resizing
+
+FINAL_PHASE = {"data.final_size_epochs": 1, "data.final_image_size": 48}
+
+
+def test_config_for_epoch_switches_the_crop_size_for_the_last_epochs(data_root):
+  config = tiny_config(
+    data_root, num_epochs=5, **FINAL_PHASE, **{"data.final_cache_shorter_side": 64}
+  )
+  config.data.final_size_epochs = 2
+  assert train.final_phase_start(config) == 3
+  for epoch in (0, 2):
+    assert train.config_for_epoch(config, epoch) is config
+  for epoch in (3, 4):
+    later = train.config_for_epoch(config, epoch)
+    assert (later.data.image_size, later.data.cache_shorter_side) == (48, 64)
+    assert later.model.depth == config.model.depth and later.num_epochs == 5
+  assert (config.data.image_size, config.data.cache_shorter_side) == (32, 256)  # not modified
+  config.data.final_cache_shorter_side = 0
+  assert train.config_for_epoch(config, 4).data.cache_shorter_side == 256
+  assert train.final_phase_start(tiny_config(data_root)) is None
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"data.final_size_epochs": 3, "data.final_image_size": 48}, "final_size_epochs=3 must be"),
+    ({"data.final_size_epochs": -1}, "final_size_epochs=-1 must be"),
+    ({"data.final_size_epochs": 1}, "needs config.data.final_image_size > 0"),
+    ({**FINAL_PHASE, "data.final_cache_shorter_side": -5}, "final_cache_shorter_side=-5"),
+  ],
+)
+def test_bad_final_phase_is_a_clear_error(data_root, tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    train.pretrain(tiny_config(data_root, **overrides), str(tmp_path / "run"))
+  assert not os.path.exists(checkpoint.checkpoint_dir(str(tmp_path / "run")))
+
+
+def test_final_phase_equals_resuming_at_the_larger_size(trained, tmp_path, data_root, monkeypatch):
+  """Two epochs at 32 px with the last at 48 px == stopping the 32 px run after epoch 1 and
+  resuming it by hand with data.image_size=48; and != the run that stayed at 32 px."""
+  workdir, _ = trained
+  streams = []
+  create = train.input_pipeline.create_pretrain_iterator
+
+  def spy(config, *, seed, start_epoch=0):
+    streams.append((config.data.image_size, start_epoch))
+    return create(config, seed=seed, start_epoch=start_epoch)
+
+  monkeypatch.setattr(train.input_pipeline, "create_pretrain_iterator", spy)
+  progressive = str(tmp_path / "progressive")
+  train.pretrain(tiny_config(data_root, **FINAL_PHASE), progressive)
+  assert streams == [(32, 0), (48, 1)]
+  by_hand = _workdir_holding(tmp_path, "by_hand", workdir, 2)
+  # The stem is fixed by the first crops' size (CIFAR stem at <= 32 px), so keep it by hand too.
+  train.pretrain(
+    tiny_config(data_root, **{"data.image_size": 48, "model.cifar_stem": True}), by_hand
+  )
+  assert streams[2:] == [(48, 1)]
+
+  def leaves(run, step=None):
+    pretrained = checkpoint.load_pretrained(run, step)
+    return jax.tree_util.tree_leaves((pretrained.params, pretrained.batch_stats))
+
+  for a, b in zip(leaves(progressive, 2), leaves(workdir, 2), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # epoch 1: 32 px in both
+  for a, b in zip(leaves(progressive), leaves(by_hand), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  differences = [
+    float(np.max(np.abs(a - b))) for a, b in zip(leaves(progressive), leaves(workdir), strict=True)
+  ]
+  assert max(differences) > 1e-3  # epoch 2 at 48 px is not epoch 2 at 32 px
+  # The probe's default test view is the last crops' size.
+  saved = checkpoint.load_pretrained(progressive).config
+  assert train.input_pipeline.eval_image_size(saved.data) == 48
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 

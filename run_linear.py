@@ -27,7 +27,8 @@ flags.DEFINE_integer("batch_size", 256, "Feature-extraction batch size (features
 flags.DEFINE_integer(
   "image_size",
   None,
-  "Test-view side in px; default the checkpoint config's data.eval_image_size (0: training size).",
+  "Test-view side in px; default the checkpoint config's data.eval_image_size "
+  "(0: the last training crop size).",
 )
 flags.DEFINE_float(
   "crop_fraction",

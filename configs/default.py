@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Progressive resizing: the last `final_size_epochs` epochs crop at `final_image_size` px, cut
   # from images cached at `final_cache_shorter_side` (0: cache_shorter_side). One run: the same
   # schedule, model (its stem follows image_size) and checkpoints; resuming in either phase picks
-  # the right size. 0 epochs: off.
+  # the right size; a second cache side keeps both caches in host memory. 0 epochs: off.
   config.data.final_size_epochs = 0
   config.data.final_image_size = 0
   config.data.final_cache_shorter_side = 0

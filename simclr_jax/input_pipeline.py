@@ -152,16 +152,24 @@ def center_crop(image: tf.Tensor, *, size: int, crop_fraction: float = 0.875) ->
   return _resize_square(image[y : y + side, x : x + side], size)
 
 
+def last_crop_size(data_config: ml_collections.ConfigDict) -> int:
+  """Side in px of the last pretraining crops: ``data.final_image_size`` when the run ends with
+  ``data.final_size_epochs`` > 0 epochs at that size (progressive resizing), else
+  ``data.image_size``."""
+  final_size = int(data_config.get("final_image_size", 0) or 0)
+  final_on = int(data_config.get("final_size_epochs", 0) or 0) > 0 and final_size > 0
+  return final_size if final_on else data_config.image_size
+
+
 def eval_crop_fraction(data_config: ml_collections.ConfigDict) -> float:
   """The centre-crop fraction the evaluation view uses: ``data.eval_crop_fraction``, except 1
-  (the whole image) when the training crops are at most 32 px (CIFAR-sized data)."""
-  return 1.0 if data_config.image_size <= 32 else data_config.eval_crop_fraction
+  (the whole image) when the last training crops (`last_crop_size`) are at most 32 px
+  (CIFAR-sized data)."""
+  return 1.0 if last_crop_size(data_config) <= 32 else data_config.eval_crop_fraction
 
 
 def eval_image_size(data_config: ml_collections.ConfigDict) -> int:
-  """Side in px of the evaluation view: ``data.eval_image_size``, or if 0 the size of the last
-  training crops (``data.final_image_size`` when ``data.final_size_epochs`` > 0, else
-  ``data.image_size``).
+  """Side in px of the evaluation view: ``data.eval_image_size``, or if 0 `last_crop_size`.
 
   A test view larger than the training crops undoes the apparent-object-size gap that random-
   resized crops open between training and test (Touvron et al. 2019, "FixRes", §3).
@@ -171,12 +179,10 @@ def eval_image_size(data_config: ml_collections.ConfigDict) -> int:
   """
   size = int(data_config.get("eval_image_size", 0) or 0)
   if size < 0:
-    raise ValueError(f"config.data.eval_image_size={size} must be >= 0 (0: data.image_size).")
-  if size:
-    return size
-  final_size = int(data_config.get("final_image_size", 0) or 0)
-  final_on = int(data_config.get("final_size_epochs", 0) or 0) > 0 and final_size > 0
-  return final_size if final_on else data_config.image_size
+    raise ValueError(
+      f"config.data.eval_image_size={size} must be >= 0 (0: the last pretraining crop size)."
+    )
+  return size or last_crop_size(data_config)
 
 
 @dataclasses.dataclass(frozen=True)

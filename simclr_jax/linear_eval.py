@@ -288,11 +288,11 @@ def run_linear_probe(
     seed: seed of the label subset and of the SGD probe.
     output_dir: where to write; default `<workdir>/linear`.
     image_size: side in px of the test view for train and test features; None keeps the
-      checkpoint config's `data.eval_image_size` (0 there: the pretraining crop size). A value
+      checkpoint config's `data.eval_image_size` (0 there: the last pretraining crop size). A value
       above the training crop size applies FixRes's train/test resolution correction.
     crop_fraction: centre-crop fraction in (0, 1] of the shorter side; None keeps the
       checkpoint config's `data.eval_crop_fraction`. Ignored (1, the whole image) when the
-      pretraining crops were at most 32 px; `settings` records the fraction used.
+      last pretraining crops were at most 32 px; `settings` records the fraction used.
     train_views: K >= 1 adds K random views (random-resized crop with the pretraining's area and
       aspect ranges, left-right flip, no colour distortion) of each labelled image to the
       probe's training set, as SimCLR's reference code augments its linear classifier's
@@ -366,6 +366,7 @@ def run_linear_probe(
       "train_split": config.data.train_split,
       "test_split": config.data.eval_split,
       "image_size": config.data.image_size,
+      "last_crop_size": input_pipeline.last_crop_size(config.data),
       "eval_image_size": input_pipeline.eval_image_size(config.data),
       "eval_crop_fraction": input_pipeline.eval_crop_fraction(config.data),
       "train_views": train_views,

@@ -126,7 +126,12 @@ def format_summary(results: dict[str, Any]) -> str:
     f"{s['num_labelled']} of {s['num_train']} training labels ({s['label_fraction']:g}: "
     f"{per_class}); {s['num_test']} test images",
     f"Views: centre crop {s['eval_crop_fraction']} of the shorter side at "
-    f"{s['eval_image_size']} px (pretraining crops: {s['image_size']} px)"
+    f"{s['eval_image_size']} px (pretraining crops: {s['image_size']} px"
+    + (
+      f", the last epochs' {s['last_crop_size']} px)"
+      if s.get("last_crop_size", s["image_size"]) != s["image_size"]
+      else ")"
+    )
     + (
       f"; probe also trained on {s['train_views']} random views of each labelled image"
       if s["train_views"]

@@ -48,13 +48,19 @@ def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) 
 def final_phase_start(config: ml_collections.ConfigDict) -> int | None:
   """The first (0-based) epoch cropped at ``data.final_image_size``, or None without that phase.
 
-  Progressive resizing (as in FixRes, Touvron et al. 2019, §3 and 5): most epochs run on small,
-  cheap crops, the last ``data.final_size_epochs`` on larger ones, under one learning-rate
-  schedule, so the encoder ends at the resolution the probe's larger test view shows it.
+  Progressive resizing (Tan & Le 2021, "EfficientNetV2", §4: small images early, larger late):
+  most epochs run on small, cheap crops, the last ``data.final_size_epochs`` on larger ones, under
+  one learning-rate schedule, so the encoder ends at the resolution that the probe's larger test
+  view shows it (FixRes, Touvron et al. 2019, §3). The boundary is counted from ``num_epochs``:
+  resuming with a larger ``num_epochs`` moves it.
 
   Raises:
-    ValueError: ``data.final_size_epochs`` outside [0, num_epochs], or > 0 with
-      ``data.final_image_size`` <= 0, or a negative ``data.final_cache_shorter_side``.
+    ValueError: ``data.final_size_epochs`` outside [0, num_epochs]; > 0 with
+      ``data.final_image_size`` <= 0; ``data.final_image_size`` or
+      ``data.final_cache_shorter_side`` set while ``data.final_size_epochs`` is 0 (they would be
+      ignored); a negative ``data.final_cache_shorter_side``; or ``model.cifar_stem`` left to
+      the automatic choice (None) when ``data.image_size`` and ``data.final_image_size`` fall on
+      different sides of 32 px (the stem is built once, from ``data.image_size``).
   """
   data = config.data
   epochs = int(data.get("final_size_epochs", 0) or 0)
@@ -64,16 +70,30 @@ def final_phase_start(config: ml_collections.ConfigDict) -> int | None:
     raise ValueError(
       f"config.data.final_size_epochs={epochs} must be in [0, num_epochs={config.num_epochs}]."
     )
-  if epochs and size <= 0:
-    raise ValueError(
-      f"config.data.final_size_epochs={epochs} needs config.data.final_image_size > 0 (px), "
-      f"got {size}."
-    )
   if cache_side < 0:
     raise ValueError(
       f"config.data.final_cache_shorter_side={cache_side} must be >= 0 (0: cache_shorter_side)."
     )
-  return config.num_epochs - epochs if epochs else None
+  if not epochs:
+    if size or cache_side:
+      raise ValueError(
+        f"config.data.final_image_size={size} / final_cache_shorter_side={cache_side} are set "
+        "but config.data.final_size_epochs=0, so no epoch would use them; set the number of "
+        "final epochs, or 0 for both."
+      )
+    return None
+  if size <= 0:
+    raise ValueError(
+      f"config.data.final_size_epochs={epochs} needs config.data.final_image_size > 0 (px), "
+      f"got {size}."
+    )
+  if config.model.get("cifar_stem") is None and (data.image_size <= 32) != (size <= 32):
+    raise ValueError(
+      f"config.model.cifar_stem=None picks the stem from data.image_size={data.image_size} "
+      f"(CIFAR stem iff <= 32 px), which does not suit data.final_image_size={size}; set "
+      "config.model.cifar_stem to True or False."
+    )
+  return config.num_epochs - epochs
 
 
 def config_for_epoch(config: ml_collections.ConfigDict, epoch: int) -> ml_collections.ConfigDict:
@@ -198,7 +218,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     A summary: `step`, `epoch`, final `loss` and `contrastive_accuracy`, `resumed_from`.
 
   Raises:
-    ValueError: bad data or config values (see `input_pipeline`, `optim`, `models`).
+    ValueError: bad data or config values (see `input_pipeline`, `optim`, `models`, and
+      `final_phase_start` for ``data.final_*``), before anything is written.
     FloatingPointError: the loss became NaN or Inf; names the step. The last good checkpoint
       stays the latest on disk.
   """
@@ -339,15 +360,18 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if epoch == switch_epoch and step < total_steps:
           # Progressive resizing: a new stream of larger crops from this epoch on (the step
           # compiles once more for the new shape); the same stream a run resumed here reads.
+          # A new cache side decodes the split again (the previous cache stays in memory).
           final = config_for_epoch(config, epoch)
+          switch_start = time.perf_counter()
+          batches = input_pipeline.create_pretrain_iterator(
+            final, seed=config.seed, start_epoch=epoch
+          )
           logging.info(
-            "Epoch %d on: %d px crops (cache %d px)",
+            "Epoch %d on: %d px crops (cache %d px); new stream in %.1f s",
             epoch + 1,
             final.data.image_size,
             final.data.cache_shorter_side,
-          )
-          batches = input_pipeline.create_pretrain_iterator(
-            final, seed=config.seed, start_epoch=epoch
+            time.perf_counter() - switch_start,
           )
     flush(total_steps)
   finally:

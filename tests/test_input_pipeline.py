@@ -340,6 +340,10 @@ def test_eval_image_size_reads_real_pixels_through_the_cache(tmp_path):
   assert input_pipeline.eval_image_size(config.data) == 8  # no final phase: final size unused
   config.data.final_size_epochs = 1
   assert input_pipeline.eval_image_size(config.data) == 12  # 0: the last training crops' size
+  config.data.eval_crop_fraction = 0.875
+  assert input_pipeline.eval_crop_fraction(config.data) == 1.0  # last crops <= 32 px: whole image
+  config.data.final_image_size = 64
+  assert input_pipeline.eval_crop_fraction(config.data) == 0.875
   config.data.eval_image_size = -1
   with pytest.raises(ValueError, match="eval_image_size=-1"):
     input_pipeline.eval_image_size(config.data)

@@ -187,7 +187,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path,
 
 # ----------------------------------------------------------------------------- progressive resizing
 
-FINAL_PHASE = {"data.final_size_epochs": 1, "data.final_image_size": 48}
+# The stem is built once; 32 -> 48 px crosses the automatic CIFAR-stem threshold, so it is fixed.
+FINAL_PHASE = {"data.final_size_epochs": 1, "data.final_image_size": 48, "model.cifar_stem": True}
 
 
 def test_config_for_epoch_switches_the_crop_size_for_the_last_epochs(data_root):
@@ -215,6 +216,8 @@ def test_config_for_epoch_switches_the_crop_size_for_the_last_epochs(data_root):
     ({"data.final_size_epochs": -1}, "final_size_epochs=-1 must be"),
     ({"data.final_size_epochs": 1}, "needs config.data.final_image_size > 0"),
     ({**FINAL_PHASE, "data.final_cache_shorter_side": -5}, "final_cache_shorter_side=-5"),
+    ({"data.final_image_size": 48}, "final_size_epochs=0, so no epoch would use them"),
+    ({"data.final_size_epochs": 1, "data.final_image_size": 48}, "cifar_stem=None picks"),
   ],
 )
 def test_bad_final_phase_is_a_clear_error(data_root, tmp_path, overrides, message):
@@ -239,7 +242,7 @@ def test_final_phase_equals_resuming_at_the_larger_size(trained, tmp_path, data_
   train.pretrain(tiny_config(data_root, **FINAL_PHASE), progressive)
   assert streams == [(32, 0), (48, 1)]
   by_hand = _workdir_holding(tmp_path, "by_hand", workdir, 2)
-  # The stem is fixed by the first crops' size (CIFAR stem at <= 32 px), so keep it by hand too.
+  # The same stem as FINAL_PHASE's, by hand.
   train.pretrain(
     tiny_config(data_root, **{"data.image_size": 48, "model.cifar_stem": True}), by_hand
   )
@@ -260,6 +263,28 @@ def test_final_phase_equals_resuming_at_the_larger_size(trained, tmp_path, data_
   # The probe's default test view is the last crops' size.
   saved = checkpoint.load_pretrained(progressive).config
   assert train.input_pipeline.eval_image_size(saved.data) == 48
+
+  # A crash at the boundary: the progressive config resumes on the 48 px stream, same result.
+  resumed = _workdir_holding(tmp_path, "resumed", progressive, 2)
+  train.pretrain(tiny_config(data_root, **FINAL_PHASE), resumed)
+  assert streams[3:] == [(48, 1)]
+  for a, b in zip(leaves(progressive), leaves(resumed), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_all_epochs_at_the_final_size_start_on_it(data_root, tmp_path, monkeypatch):
+  streams = []
+
+  def spy(config, *, seed, start_epoch=0):
+    streams.append((config.data.image_size, start_epoch))
+    raise InterruptedError  # enough seen: stop before compiling
+
+  monkeypatch.setattr(train.input_pipeline, "create_pretrain_iterator", spy)
+  config = tiny_config(data_root, **FINAL_PHASE)
+  config.data.final_size_epochs = config.num_epochs
+  with pytest.raises(InterruptedError):
+    train.pretrain(config, str(tmp_path / "run"))
+  assert streams == [(48, 0)]
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -366,6 +366,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           batches = input_pipeline.create_pretrain_iterator(
             final, seed=config.seed, start_epoch=epoch
           )
+          progress.clear()  # the message gets its own line, not the bar's
           logging.info(
             "Epoch %d on: %d px crops (cache %d px); new stream in %.1f s",
             epoch + 1,

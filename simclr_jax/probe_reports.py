@@ -129,7 +129,7 @@ def format_summary(results: dict[str, Any]) -> str:
     f"{s['eval_image_size']} px (pretraining crops: {s['image_size']} px"
     + (
       f", the last epochs' {s['last_crop_size']} px)"
-      if s.get("last_crop_size", s["image_size"]) != s["image_size"]
+      if s["last_crop_size"] != s["image_size"]
       else ")"
     )
     + (

@@ -42,6 +42,9 @@ flags.DEFINE_integer(
   "0: centre views only.",
 )
 flags.DEFINE_integer("seed", 0, "Seed of the label subset and of the SGD probe.")
+flags.DEFINE_string(
+  "output_dir", None, "Where results.json and the plots go; default <workdir>/linear."
+)
 flags.mark_flag_as_required("workdir")
 
 
@@ -68,6 +71,7 @@ def main(argv):
     image_size=FLAGS.image_size,
     crop_fraction=FLAGS.crop_fraction,
     train_views=FLAGS.train_views,
+    output_dir=FLAGS.output_dir,
   )
   print(probe_reports.format_summary(results))
 

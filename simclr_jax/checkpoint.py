@@ -45,7 +45,7 @@ def save(
   config_dict = json.loads(config.to_json())
   if config_dict.get("data", {}).get("root"):
     # Absolute, so that run_linear.py finds the data from any working directory.
-    config_dict["data"]["root"] = os.path.abspath(config_dict["data"]["root"])
+    config_dict["data"]["root"] = os.path.abspath(os.path.expanduser(config_dict["data"]["root"]))
   metadata = {"config": config_dict, "class_names": list(class_names), "step": step}
   manager.save(
     step,
@@ -102,7 +102,7 @@ def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> 
   """Fields whose value differs between a checkpoint's saved config and `config`, as text."""
   old, new = _flatten(saved), _flatten(json.loads(config.to_json()))
   if new.get("data.root"):
-    new["data.root"] = os.path.abspath(new["data.root"])
+    new["data.root"] = os.path.abspath(os.path.expanduser(new["data.root"]))
   return [
     f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
     for key in sorted(set(old) | set(new))

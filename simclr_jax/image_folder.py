@@ -3,7 +3,8 @@
 Layout: ``root/<split>/<class>/<image>`` (files may sit in nested folders under their class).
 Class names are the sorted visible sub-folders of the train split. Hidden files and folders
 (names starting with ``.``) are ignored, and only files whose extension (case-insensitively) is in
-`IMAGE_EXTENSIONS` are listed; what a file holds is then decided by its bytes, not its name.
+`IMAGE_EXTENSIONS` are listed (other files are left out with a warning that names them); what a
+file holds is then decided by its bytes, not its name.
 
 Decoding yields RGB for every supported input: JPEG (also grayscale and CMYK), PNG (grayscale,
 palette, 16-bit, with alpha), GIF (first frame), BMP and WebP. Grey is copied to the three channels.
@@ -82,7 +83,7 @@ def list_image_folder(
       f"Class folder(s) {[os.path.join(split_dir, c) for c in unknown]} are not among the "
       f"{len(class_names)} training classes {class_names}."
     )
-  paths, labels = [], []
+  paths, labels, left_out = [], [], []
   for label, name in enumerate(class_names):
     class_dir = os.path.join(split_dir, name)
     if not os.path.isdir(class_dir):
@@ -90,9 +91,22 @@ def list_image_folder(
     for folder, dirs, files in os.walk(class_dir):
       dirs[:] = sorted(d for d in dirs if _visible(d))
       for f in sorted(files):
-        if _visible(f) and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
+        if not _visible(f):
+          continue
+        if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
           paths.append(os.path.join(folder, f))
           labels.append(label)
+        else:
+          left_out.append(os.path.join(folder, f))
+  if left_out:
+    logging.warning(
+      "Split folder %r: %d file(s) left out, their extension is not one of %s: %s%s",
+      split_dir,
+      len(left_out),
+      sorted(IMAGE_EXTENSIONS),
+      ", ".join(left_out[:5]),
+      " ..." if len(left_out) > 5 else "",
+    )
   if not paths:
     raise ValueError(
       f"Split folder {split_dir!r} has no image files (extensions {sorted(IMAGE_EXTENSIONS)})."

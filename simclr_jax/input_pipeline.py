@@ -16,6 +16,7 @@ Flip, colour and blur run on device afterwards (`simclr_jax.augment`).
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -237,6 +238,11 @@ def _cached_folder(root, split, class_names, shorter_side):
 
 
 @functools.lru_cache(maxsize=4)
+def _expand(path: str | None) -> str | None:
+  """A user-given path with ``~`` expanded (shells leave ``--flag=~/x`` alone); None if empty."""
+  return os.path.expanduser(path) if path else None
+
+
 def _cached_tfds(name, split, data_dir, shorter_side):
   ds = _load_tfds(name, split, data_dir)
   cache = image_folder.cache_images(
@@ -271,7 +277,7 @@ def _load_tfds(name, split, data_dir) -> tf.data.Dataset:
 
 def _source(data_config: ml_collections.ConfigDict, split: str) -> Source:
   if data_config.source == "folder":
-    root, names = data_config.root, tuple(get_class_names(data_config))
+    root, names = os.path.expanduser(data_config.root), tuple(get_class_names(data_config))
     if data_config.cache:
       cache, labels, skipped = _cached_folder(root, split, names, data_config.cache_shorter_side)
       return _indexed_source(labels, lambda i, _: cache.load(i), skipped)
@@ -285,7 +291,7 @@ def _source(data_config: ml_collections.ConfigDict, split: str) -> Source:
     return _indexed_source(labels, load, skipped)
 
   if data_config.source == "tfds":
-    name, data_dir = data_config.tfds_name, data_config.tfds_data_dir
+    name, data_dir = data_config.tfds_name, _expand(data_config.tfds_data_dir)
     if data_config.cache:
       cache, labels = _cached_tfds(name, split, data_dir, data_config.cache_shorter_side)
       return _indexed_source(labels, lambda i, _: cache.load(i))
@@ -311,9 +317,11 @@ def get_class_names(data_config: ml_collections.ConfigDict) -> list[str]:
     ValueError: for a missing root or train split, or an unknown ``data_config.source``.
   """
   if data_config.source == "folder":
-    return image_folder.folder_class_names(data_config.root, data_config.train_split)
+    return image_folder.folder_class_names(
+      os.path.expanduser(data_config.root), data_config.train_split
+    )
   if data_config.source == "tfds":
-    builder = tfds.builder(data_config.tfds_name, data_dir=data_config.tfds_data_dir or None)
+    builder = tfds.builder(data_config.tfds_name, data_dir=_expand(data_config.tfds_data_dir))
     return list(builder.info.features["label"].names)
   raise ValueError(f"config.data.source={data_config.source!r}; expected 'folder' or 'tfds'.")
 

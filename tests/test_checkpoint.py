@@ -23,8 +23,10 @@ def toy_state(value: float):
   }
 
 
-def test_round_trip_and_metadata(tmp_path):
+def test_round_trip_and_metadata(tmp_path, monkeypatch):
   config = tiny.get_config()
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  config.data.root = "~/data"  # as a shell leaves `--config.data.root=~/data`
   manager = checkpoint.create_manager(str(tmp_path), max_to_keep=2)
   for step, value in [(1, 1.0), (2, 2.0), (3, 3.0)]:
     checkpoint.save(manager, step, toy_state(value), config=config, class_names=["a", "b"])
@@ -43,6 +45,8 @@ def test_round_trip_and_metadata(tmp_path):
   assert pretrained.class_names == ["a", "b"]
   assert pretrained.config.model.depth == config.model.depth
   assert pretrained.config.data.image_size == 32
+  assert pretrained.config.data.root == str(tmp_path / "home" / "data")  # absolute, ~ expanded
+  assert not checkpoint.config_changes(pretrained.config.to_dict(), config)
   np.testing.assert_array_equal(pretrained.batch_stats["bn"]["mean"], np.arange(4.0))
   with pytest.raises(FileNotFoundError, match="step 1"):
     checkpoint.load_pretrained(str(tmp_path), step=1)

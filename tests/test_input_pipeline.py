@@ -1,6 +1,7 @@
 """Input pipeline: reading odd folders, crops, batching, determinism, eval padding, TFDS."""
 
 import io
+import logging
 import os
 
 import jax
@@ -91,9 +92,13 @@ def odd_folder(tmp_path_factory):
   return root, good, bad
 
 
-def test_listing_skips_hidden_and_foreign_files(odd_folder):
+def test_listing_skips_hidden_and_foreign_files(odd_folder, caplog):
   root, good, bad = odd_folder
-  paths, labels, names = input_pipeline.list_image_folder(str(root), "train")
+  with caplog.at_level(logging.WARNING):
+    paths, labels, names = input_pipeline.list_image_folder(str(root), "train")
+  # The foreign file is named in a warning; hidden files are left out silently.
+  assert "1 file(s) left out" in caplog.text and f"{root}/train/cat/notes.txt" in caplog.text
+  assert ".DS_Store" not in caplog.text and ".hidden.jpg" not in caplog.text
   assert names == ["cat", "dog"]
   expected = sorted(f"{root}/train/{n}" for n in [*good, *bad])
   assert sorted(paths) == expected
@@ -124,6 +129,15 @@ def test_pipeline_yields_exactly_the_decodable_images(odd_folder, cache):
   expected = sorted(0 if n.startswith("cat/") else 1 for n in good)
   assert sorted(labels.tolist()) == expected
   assert images.dtype == np.float32 and images.min() >= 0 and images.max() <= 1
+  assert input_pipeline.num_examples(config.data, "train") == len(good)
+
+
+def test_home_relative_root_is_expanded(odd_folder, monkeypatch):
+  # Shells leave `--config.data.root=~/x` unexpanded; the pipeline expands it.
+  root, good, _ = odd_folder
+  monkeypatch.setenv("HOME", os.path.dirname(root))
+  config = config_for(f"~/{os.path.basename(root)}", train_split="train")
+  assert input_pipeline.get_class_names(config.data) == ["cat", "dog"]
   assert input_pipeline.num_examples(config.data, "train") == len(good)
 
 

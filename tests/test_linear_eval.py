@@ -193,19 +193,21 @@ def test_probe_end_to_end(pretrained_run):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli(pretrained_run, capsys):
+def test_cli(pretrained_run, capsys, tmp_path):
   _, workdir = pretrained_run
   argv = ["run_linear.py", f"--workdir={workdir}", "--remove_top_layers=0", "--sweep_layers"]
   argv += ["--classifier=linear_sgd", "--label_fraction=1.0", f"--batch_size={BATCH_SIZE}"]
   argv += ["--image_size=24", "--crop_fraction=0.5", "--train_views=2"]
+  argv += [f"--output_dir={tmp_path}/probe"]
   with flagsaver.flagsaver():
     run_linear.FLAGS(argv)
     run_linear.main(argv[:1])
   out = capsys.readouterr().out
   assert "Probe: linear_sgd on z (16-d), 48 of 48 training labels" in out
   assert "| class | precision | recall | f1-score | support |" in out
-  with open(os.path.join(workdir, "linear", "results.json")) as f:
+  with open(os.path.join(tmp_path, "probe", "results.json")) as f:
     written = json.load(f)
+  assert os.path.exists(os.path.join(tmp_path, "probe", "acc_vs_layer.png"))
   assert written["settings"]["remove_top_layers"] == 0
   assert written["settings"]["eval_image_size"] == 24
   assert written["settings"]["train_views"] == 2

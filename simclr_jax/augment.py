@@ -80,7 +80,11 @@ def color_jitter(
 def apply_in_random_order(
   key: jax.Array, image: jax.Array, fns: list[Callable[[jax.Array], jax.Array]]
 ) -> jax.Array:
-  """Applies every function in ``fns`` once, in a uniformly random order drawn from ``key``."""
+  """Applies every function in ``fns`` once, in a uniformly random order drawn from ``key``.
+
+  ``image``: float32 ``[H, W, 3]``; each function maps it to the same shape and dtype (e.g. the
+  four colour-jitter operations, SimCLR Appendix A). Returns float32 ``[H, W, 3]``.
+  """
   order = jax.random.permutation(key, len(fns))
   for position in range(len(fns)):
     image = jax.lax.switch(order[position], fns, image)
@@ -102,7 +106,11 @@ def random_color_jitter(
 
 
 def random_grayscale(key: jax.Array, image: jax.Array, *, probability: float) -> jax.Array:
-  """With probability ``probability``, the image's luma (Rec. 601) in all three channels."""
+  """With probability ``probability`` in [0, 1], the image's luma (Rec. 601) in all three channels.
+
+  ``image``: float32 ``[H, W, 3]`` in [0, 1]; returns the same shape, dtype and range (SimCLR
+  Appendix A: colour drop, p = 0.2).
+  """
   return _random_apply(key, image, probability, lambda x: pix.rgb_to_grayscale(x, keep_dims=True))
 
 
@@ -163,8 +171,19 @@ def random_gaussian_blur(
 ) -> jax.Array:
   """With probability ``probability``, a Gaussian blur with sigma ~ U(sigma_range) pixels.
 
-  ``kernel_size`` defaults to 10% of ``H`` (made odd as in dm-pix), as in SimCLR; borders
-  are zero-padded as in the reference implementation (`gaussian_blur`).
+  ``kernel_size`` (pixels) defaults to 10% of ``H`` (made odd as in dm-pix), as in SimCLR
+  Appendix A; borders are zero-padded as in the reference implementation (`gaussian_blur`).
+
+  Args:
+    key: PRNG key (whether to blur, and sigma).
+    image: float32 ``[H, W, 3]`` in [0, 1].
+    probability: in [0, 1].
+    sigma_range: (low, high) of the uniform sigma, in pixels.
+    kernel_size: kernel side in pixels; None for 10% of ``H``.
+
+  Returns:
+    float32 ``[H, W, 3]``; values stay in [0, 1] (the weights are non-negative and sum to at most
+    1 at each pixel).
   """
   apply_key, sigma_key = jax.random.split(key)
   if kernel_size is None:
@@ -180,7 +199,10 @@ def random_gaussian_blur(
 def random_solarize(
   key: jax.Array, image: jax.Array, *, probability: float, threshold: float = 0.5
 ) -> jax.Array:
-  """With probability ``probability``, inverts the values at or above ``threshold`` (BYOL)."""
+  """With probability ``probability``, inverts (1 - x) the values at or above ``threshold`` (BYOL).
+
+  ``image``: float32 ``[H, W, 3]`` in [0, 1]; returns the same shape, dtype and range.
+  """
   return _random_apply(key, image, probability, lambda x: pix.solarize(x, threshold))
 
 

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 
 def checkpoint_dir(workdir: str) -> str:
+  """The absolute path of `<workdir>/checkpoints`, where the Orbax manager keeps the steps."""
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
@@ -85,7 +86,12 @@ def restore_state(manager: ocp.CheckpointManager, target: dict[str, Any], step: 
 
 
 def restore_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-  """The JSON metadata of `step`: {'config': dict, 'class_names': list, 'step': int}."""
+  """The JSON metadata of `step`: {'config': dict, 'class_names': list, 'step': int}.
+
+  Raises:
+    FileNotFoundError (from Orbax) if `step` is not a complete checkpoint of `manager`; callers
+    that take a step from the user check it first (`load_pretrained`).
+  """
   return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
 
 

@@ -282,7 +282,9 @@ def cache_images(dataset: tf.data.Dataset, num_examples: int, shorter_side: int)
   )
 
 
-def cache_image_files(paths: list[str], shorter_side: int) -> tuple[ImageCache, list[str]]:
+def cache_image_files(
+  paths: list[str], shorter_side: int
+) -> tuple[ImageCache, list[tuple[str, str]]]:
   """Decodes image files into an `ImageCache`, using JPEG DCT scaling where it loses nothing.
 
   Returns:

@@ -327,7 +327,12 @@ def get_class_names(data_config: ml_collections.ConfigDict) -> list[str]:
 
 
 def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
-  """Examples in ``split`` over all hosts, undecodable files excluded (when they are checked)."""
+  """Examples in ``split`` over all hosts, undecodable files excluded (when they are checked).
+
+  Raises:
+    ValueError: a missing root, split or class folder, a split without images, or an unknown
+      ``data_config.source`` (as `get_class_names` and `list_image_folder`).
+  """
   return _source(data_config, split).num_examples
 
 
@@ -436,7 +441,8 @@ def eval_dataset(
   Returns:
     ``(dataset, source, num_batches)``; the dataset yields ``'image'`` float32
     ``[local_devices, per_device, S, S, 3]`` in [0, 1], ``S = eval_image_size(data)`` (resize and
-    centre crop of ``data.eval_crop_fraction``; no crop when ``data.image_size <= 32``; with
+    centre crop of ``data.eval_crop_fraction``; no crop when the last pretraining crops are at most
+    32 px, `last_crop_size`; with
     ``data.cache``, images are cached at a shorter side of at least ``S / crop_fraction``, so a
     larger test view reads real pixels, not an upsampled training cache), ``'label'`` int32 and
     ``'mask'`` bool ``[local_devices, per_device]``. With ``random_views`` K, example i's views

@@ -66,7 +66,12 @@ def fit_linear_sgd(
 
   Args:
     features: float [N, D]; labels: int [N] in [0, num_classes).
+    num_classes: C, the number of output logits.
     seed: seed of the shuffles.
+    epochs: passes over the N examples.
+    batch_size: examples per step (capped at N).
+    base_lr: learning rate per 256 examples of batch.
+    momentum: Nesterov momentum coefficient in [0, 1).
 
   Returns:
     A `Probe`.
@@ -113,7 +118,11 @@ def fit_linear_sgd(
 
 
 def accuracies(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-  """{'top1'} and, with at least 10 classes, {'top5'}: fractions in [0, 1]."""
+  """{'top1'} and, with at least 10 classes, {'top5'}: fractions in [0, 1].
+
+  ``probabilities``: float [M, C] (any scores; only their order per row matters); ``labels``: int
+  [M] in [0, C).
+  """
   num_classes = probabilities.shape[1]
   result = {"top1": float(metrics.accuracy_score(labels, probabilities.argmax(axis=1)))}
   if num_classes >= 10:
@@ -141,6 +150,9 @@ def knn_probabilities(
 
   Returns:
     float [M, C]: each class's share of the votes.
+
+  Raises:
+    ValueError: from scikit-learn, for k outside [1, N].
   """
   knn = KNeighborsClassifier(
     n_neighbors=k,

@@ -45,6 +45,7 @@ class LossHistory:
     ]
 
   def append(self, rows: list[dict[str, float]]) -> None:
+    """Adds `rows` (one dict per logged step, keys `HISTORY_FIELDS`) to memory and the CSV."""
     self.rows.extend(rows)
     with open(self.path, "a", newline="") as f:
       csv.DictWriter(f, fieldnames=HISTORY_FIELDS).writerows(self._formatted(rows))
@@ -90,10 +91,12 @@ class ScalarWriter:
     self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
+    """One tf.summary scalar per `scalars` entry (name -> float) at `step` (int)."""
     with self._writer.as_default():
       for name, value in scalars.items():
         self._tf.summary.scalar(name, value, step=step)
 
   def close(self) -> None:
+    """Flushes and closes the event file."""
     self._writer.flush()
     self._writer.close()

@@ -139,6 +139,8 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: optax.Schedule,
   float32 [devices, per_device, H, W, 3] in [0, 1]; `rng` is one key shared by all devices.
   Metrics are global-batch scalars, identical on every device: `loss`,
   `contrastive_accuracy`, `positive_similarity`, `negative_similarity`, `learning_rate`.
+  The leading batch axis must equal the number of devices (pmap raises a ValueError otherwise);
+  `input_pipeline` checks earlier that `batch_size` is a multiple of the device count.
   """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
@@ -215,7 +217,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   `loss_history.csv`, `training_losses.png`, `tensorboard/`.
 
   Returns:
-    A summary: `step`, `epoch`, final `loss` and `contrastive_accuracy`, `resumed_from`.
+    A summary: `step`, `epoch`, final `loss` and `contrastive_accuracy`, `resumed_from` (the
+    checkpoint step resumed from, or None), and `already_complete` (True when the latest
+    checkpoint had already reached `num_epochs`, so nothing was trained).
 
   Raises:
     ValueError: bad data or config values (see `input_pipeline`, `optim`, `models`, and

@@ -14,8 +14,8 @@ the size was chosen by 5-fold cross-validation on the labelled 10%, not on the t
 Results).
 
 Probe results of this recipe (README, Results): 70.4% on label draw 0 with 10% of the labels (125
-images; 72.5% +- 1.3% over five draws), 78.4% with the 250 labelled images the seed's own probe
-used (75.1% +- 1.8% over five draws; the seed: 72.80%): `run_linear.py --label_fraction 0.2`.
+images; 72.5% +- 1.3% over five draws), 78.4% with 250 labelled images, the probe-set size the
+seed's README states (75.1% +- 1.8% over five draws; the seed: 72.80%): `--label_fraction 0.2`.
 
 The data root defaults to ../shared/data/imagenet-5-categories beside the repository; pass
 `--config.data.root=PATH` for another copy.

@@ -237,12 +237,12 @@ def _cached_folder(root, split, class_names, shorter_side):
   return cache, labels[cache.indices], tuple(skipped)
 
 
-@functools.lru_cache(maxsize=4)
 def _expand(path: str | None) -> str | None:
   """A user-given path with ``~`` expanded (shells leave ``--flag=~/x`` alone); None if empty."""
   return os.path.expanduser(path) if path else None
 
 
+@functools.lru_cache(maxsize=4)
 def _cached_tfds(name, split, data_dir, shorter_side):
   ds = _load_tfds(name, split, data_dir)
   cache = image_folder.cache_images(

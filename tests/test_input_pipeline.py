@@ -407,3 +407,5 @@ def test_tfds_source(cache):
     it = input_pipeline.create_eval_iterator(config, "test", batch_size=4)
     masks = [np.asarray(x["mask"]) for x in it]
   assert len(masks) == 3 and sum(m.sum() for m in masks) == 10
+  if cache:  # the split is decoded once per process, then reused
+    assert input_pipeline._cached_tfds.cache_info().hits >= 1

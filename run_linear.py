@@ -41,6 +41,12 @@ flags.DEFINE_integer(
   "K random views (crop + flip) of each labelled image added to the probe's training set; "
   "0: centre views only.",
 )
+flags.DEFINE_float(
+  "probe_c",
+  None,
+  "Inverse L2 strength C of the logistic probe; default: chosen per layer by 5-fold "
+  "cross-validation on the labelled subset (SimCLR Appendix B.8). 1.0: the seed's.",
+)
 flags.DEFINE_integer("seed", 0, "Seed of the label subset and of the SGD probe.")
 flags.DEFINE_string(
   "output_dir", None, "Where results.json and the plots go; default <workdir>/linear."
@@ -71,6 +77,7 @@ def main(argv):
     image_size=FLAGS.image_size,
     crop_fraction=FLAGS.crop_fraction,
     train_views=FLAGS.train_views,
+    probe_c=FLAGS.probe_c,
     output_dir=FLAGS.output_dir,
   )
   print(probe_reports.format_summary(results))

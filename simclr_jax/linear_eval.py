@@ -30,6 +30,13 @@ CLASSIFIERS = ("logistic", "linear_sgd")
 KNN_KS = (20, 200)
 
 
+CV_DESCRIPTION = (
+  "stratified k-fold CV on the labelled subset (k and C per layer under 'logistic_c'), "
+  "45 L2 strengths (SimCLR Appendix B.8), split seed 0"
+)
+"""How the logistic probe's C is chosen by default; recorded in results.json's settings."""
+
+
 def layer_name(depth: int, num_head_layers: int) -> str:
   """'h' for depth 0, 'z' for the full head, else 'head layer <depth>'."""
   if depth == 0:
@@ -194,6 +201,7 @@ def evaluate_layer(
   classifier: str = "logistic",
   seed: int = 0,
   extra_train: tuple[np.ndarray, np.ndarray] | None = None,
+  c: float | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
   """Trains the probe on one layer's labelled features and scores it and kNN on the test split.
 
@@ -201,22 +209,50 @@ def evaluate_layer(
     train_features: float [N, D], the labelled subset; train_labels: int [N], every class present.
     test_features: float [M, D]; test_labels: int [M].
     num_classes: C; classifier: one of `CLASSIFIERS`; seed: seed of the SGD probe.
-    extra_train: (float [K, D], int [K]) more training rows for the probe only (augmented views
-      of the labelled examples); the kNN memory stays `train_features`.
+    extra_train: (float [N * K, D], int [N * K]) more training rows for the probe only: K
+      augmented views of each labelled example, example-major (rows i K .. i K + K - 1 are views
+      of example i); the kNN memory stays `train_features`.
+    c: the logistic probe's inverse L2 strength (scikit-learn's C, > 0); None chooses it by
+      cross-validation on the probe's training rows (SimCLR Appendix B.8;
+      `probes.select_logistic_c`: the views of one example stay in one fold, and only centre
+      views are scored). Unused by 'linear_sgd'.
 
   Returns:
-    ({'top1', ['top5'], 'knn': {'k20': {'k', 'top1'[, 'top5']}, 'k200': ...}}, test predictions
-    int [M]). A kNN entry's 'k' is the number of neighbours used (at most the labelled examples).
+    ({'top1', ['top5'], 'knn': {'k20': {'k', 'top1'[, 'top5']}, 'k200': ...}[, 'logistic_c':
+    {'c', 'cv_top1', 'folds' (both None when c was given)}]}, test predictions int [M]). A kNN
+    entry's 'k' is the number of neighbours used (at most the labelled examples).
 
   Raises:
-    ValueError: unknown classifier.
+    ValueError: unknown classifier; `extra_train` not K views per example in example-major
+      order; c <= 0; and `probes.select_logistic_c`'s (a class with < 2 labelled examples).
   """
   probe_x, probe_y = train_features, train_labels
+  n = len(train_labels)
+  groups, scored = None, None
   if extra_train is not None:
+    views = len(extra_train[1]) // n
+    if len(extra_train[1]) != views * n or not np.array_equal(
+      extra_train[1], np.repeat(train_labels, views)
+    ):
+      raise ValueError(
+        f"extra_train ({len(extra_train[1])} rows) is not K views of each of the {n} labelled "
+        "examples in example-major order: its labels do not repeat train_labels K times each."
+      )
     probe_x = np.concatenate([train_features, extra_train[0]])
     probe_y = np.concatenate([train_labels, extra_train[1]])
+    groups = np.concatenate([np.arange(n), np.repeat(np.arange(n), views)])
+    scored = np.arange(len(probe_y)) < n  # validate on centre views, as the test split is read
+  if c is not None and not c > 0:
+    raise ValueError(f"c={c} must be > 0 (None: chosen by cross-validation).")
+  selection = None
   if classifier == "logistic":
-    probe = probes.fit_logistic(probe_x, probe_y)
+    if c is None:
+      chosen = probes.select_logistic_c(probe_x, probe_y, groups=groups, scored=scored)
+      c = chosen.c
+      selection = {"c": chosen.c, "cv_top1": chosen.cv_top1, "folds": chosen.folds}
+    else:
+      selection = {"c": float(c), "cv_top1": None, "folds": None}
+    probe = probes.fit_logistic(probe_x, probe_y, c=c)
   elif classifier == "linear_sgd":
     probe = probes.fit_linear_sgd(probe_x, probe_y, num_classes=num_classes, seed=seed)
   else:
@@ -228,6 +264,8 @@ def evaluate_layer(
     used = min(k, len(train_labels))
     votes = probes.knn_probabilities(train_features, train_labels, test_features, k=used)
     result["knn"][f"k{k}"] = {"k": used, **probes.accuracies(votes, test_labels)}
+  if selection is not None:
+    result["logistic_c"] = selection
   return result, probabilities.argmax(axis=1)
 
 
@@ -270,6 +308,7 @@ def run_linear_probe(
   image_size: int | None = None,
   crop_fraction: float | None = None,
   train_views: int = 0,
+  probe_c: float | None = None,
 ) -> dict[str, Any]:
   """Linear evaluation of a pretraining run, from its checkpoint alone (SimCLR §4; the seed's).
 
@@ -297,6 +336,12 @@ def run_linear_probe(
       aspect ranges, left-right flip, no colour distortion) of each labelled image to the
       probe's training set, as SimCLR's reference code augments its linear classifier's
       training; 0 trains on the centre views only. kNN always uses the centre views.
+    probe_c: the logistic probe's inverse L2 strength (scikit-learn's C, > 0); None (default)
+      chooses it per layer by cross-validation on the labelled subset alone, from SimCLR
+      Appendix B.8's 45 L2 strengths (`probes.select_logistic_c`: 5 folds, fewer for classes
+      under 5 labelled images; with `train_views`, the views of an image stay in its fold and
+      only centre views are scored; each layer's C is in the results); 1.0 is scikit-learn's
+      default, the seed's.
 
   Returns:
     The contents of `results.json`: 'settings', 'top1' (and 'top5' with >= 10 classes), 'knn',
@@ -307,7 +352,8 @@ def run_linear_probe(
     FileNotFoundError: no checkpoint (or not that step) in `workdir`.
     ValueError: classes of the data differ from the checkpoint's, bad label fraction,
       `remove_top_layers`, classifier, `image_size` (< 1), `crop_fraction` (outside (0, 1]) or
-      `train_views` (< 0), and the input pipeline's errors.
+      `train_views` (< 0), `probe_c` (<= 0), fewer than 2 labelled images of a class when C is
+      chosen by cross-validation, and the input pipeline's errors.
   """
   if classifier not in CLASSIFIERS:
     raise ValueError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
@@ -317,6 +363,8 @@ def run_linear_probe(
     raise ValueError(f"crop_fraction={crop_fraction} must be in (0, 1].")
   if train_views < 0:
     raise ValueError(f"train_views={train_views} must be >= 0 (0: centre views only).")
+  if probe_c is not None and not probe_c > 0:
+    raise ValueError(f"probe_c={probe_c} must be > 0 (None: chosen by cross-validation).")
   pretrained = checkpoint.load_pretrained(workdir, step)
   config, class_names = _data_config(pretrained, data_root)
   if image_size is not None:
@@ -335,6 +383,12 @@ def run_linear_probe(
   )
   train_features, train_labels = extract(config.data.train_split)
   subset, counts = label_subset(train_labels, label_fraction, num_classes=num_classes, seed=seed)
+  if classifier == "logistic" and probe_c is None and counts.min() < 2:
+    raise ValueError(
+      f"Class {class_names[int(counts.argmin())]!r} has {int(counts.min())} labelled image(s) at "
+      f"label_fraction={label_fraction}; choosing the probe's C by cross-validation needs >= 2. "
+      "Raise label_fraction or pass a fixed probe_c (--probe_c)."
+    )
   test_features, test_labels = extract(config.data.eval_split)
   extra = {d: None for d in depths}
   if train_views:
@@ -355,8 +409,12 @@ def run_linear_probe(
       classifier=classifier,
       seed=seed,
       extra_train=extra[d],
+      c=probe_c,
     )
   result, predictions = evaluations[depth]
+  c_selection = None
+  if classifier == "logistic":
+    c_selection = "fixed" if probe_c is not None else CV_DESCRIPTION
   results: dict[str, Any] = {
     "settings": {
       "workdir": os.path.abspath(workdir),
@@ -372,6 +430,8 @@ def run_linear_probe(
       "train_views": train_views,
       "probe_train_rows": len(subset) + (len(extra[depth][1]) if train_views else 0),
       "classifier": classifier,
+      "probe_c": None if classifier != "logistic" else probe_c,
+      "probe_c_selection": c_selection,
       "layer": layer_name(depth, num_layers),
       "head_layers_kept": depth,
       "remove_top_layers": num_layers - depth,

@@ -140,16 +140,31 @@ def format_summary(results: dict[str, Any]) -> str:
     "",
     results["report_markdown"],
     "",
-    _accuracy_line(f"{s['classifier']} probe", results),
+    _accuracy_line(f"{s['classifier']} probe", results) + _c_text(results),
   ]
   lines += [_accuracy_line(f"kNN (k={v['k']})", v) for v in results["knn"].values()]
   for p in results.get("sweep", []):
     knn = ", ".join(f"kNN k={v['k']} {v['top1']:.2%}" for v in p["knn"].values())
     lines.append(
-      f"  {p['head_layers_kept']} head layers kept ({p['layer']}): top-1 {p['top1']:.2%}; {knn}"
+      f"  {p['head_layers_kept']} head layers kept ({p['layer']}): top-1 {p['top1']:.2%}"
+      f"{_c_text(p)}; {knn}"
     )
   lines += [f"Wrote {path}" for path in results["files"].values()]
   return "\n".join(lines)
+
+
+def _c_text(scores: dict[str, Any]) -> str:
+  """' (C = ..., how chosen)' for a logistic probe's result, '' otherwise."""
+  chosen = scores.get("logistic_c")
+  if chosen is None:
+    return ""
+  if chosen["cv_top1"] is None:
+    return f" (C = {chosen['c']:.3g}, fixed)"
+  cv = f"{chosen['cv_top1']:.2%}"
+  return (
+    f" (C = {chosen['c']:.3g}, chosen by {chosen['folds']}-fold CV on the labelled images: "
+    f"best CV top-1 {cv})"
+  )
 
 
 def _accuracy_line(what: str, scores: dict[str, Any]) -> str:

@@ -5,14 +5,18 @@ Each takes feature arrays, not images: `fit_*` train on labelled features [N, D]
 so probability columns are the classes in order.
 """
 
+import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from sklearn import metrics
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -20,6 +24,10 @@ from sklearn.preprocessing import StandardScaler
 KNN_TEMPERATURE = 0.07
 """T of the kNN votes (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric
 Instance Discrimination", §3.4)."""
+
+L2_GRID = np.logspace(-6.0, 5.0, 45)
+"""The L2 strengths lambda searched for the logistic probe: 45 log-spaced values in [1e-6, 1e5]
+(SimCLR Appendix B.8, "Linear evaluation" of transfer learning)."""
 
 Probe = Callable[[np.ndarray], np.ndarray]
 """Maps float32 features [N, D] to class probabilities float [N, C]."""
@@ -35,7 +43,8 @@ def fit_logistic(
   Args:
     features: float [N, D].
     labels: int [N], covering every class.
-    c: inverse L2 strength, > 0.
+    c: scikit-learn's inverse L2 strength, > 0 (1.0, its default, is the seed's;
+      `select_logistic_c` picks it as the paper does). Not the class count C.
     max_iter: L-BFGS iterations.
 
   Returns:
@@ -44,6 +53,107 @@ def fit_logistic(
   model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
   model.fit(features, labels)
   return model.predict_proba
+
+
+class CSelection(NamedTuple):
+  """The outcome of `select_logistic_c`."""
+
+  c: float
+  """scikit-learn's inverse L2 strength for `fit_logistic`, > 0."""
+  cv_top1: float
+  """Mean validation accuracy of that C over the folds, in [0, 1]. The maximum over the grid,
+  so an optimistic estimate of the probe's accuracy."""
+  folds: int
+  """k, the number of folds used (`folds`, or fewer for small classes)."""
+
+
+def select_logistic_c(
+  features: np.ndarray,
+  labels: np.ndarray,
+  *,
+  groups: np.ndarray | None = None,
+  scored: np.ndarray | None = None,
+  folds: int = 5,
+  lambdas: np.ndarray = L2_GRID,
+  max_iter: int = 1000,
+) -> CSelection:
+  """Picks the logistic probe's L2 strength by cross-validation on the labelled rows alone.
+
+  SimCLR Appendix B.8 selects the L2 regularisation of its logistic-regression probe from 45
+  log-spaced values in [1e-6, 1e5] on held-out labelled data; here that is stratified k-fold CV
+  (split seed 0) on the probe's own training rows, so the test split is never seen. The paper
+  does not give the scale of its lambda; we read it as weighing a mean loss (mean CE +
+  lambda/2 |w|^2), while scikit-learn's C weighs a summed one (C sum CE + 1/2 |w|^2, intercept
+  not penalised), so C = 1 / (lambda N) with N the number of rows (on a fold's (k-1)/k share of
+  the rows the same C is lambda k/(k-1), as in any CV over C). Each fold fits `fit_logistic`'s
+  model (standardiser and L-BFGS logistic regression) on its training rows alone. The score is
+  the mean fold accuracy; ties (to 1e-9) go to the strongest regularisation (smallest C). Fits
+  that stop at `max_iter` (large C on separable folds) are scored as they stand, silently.
+
+  Args:
+    features: float [N, D].
+    labels: int [N], class ids.
+    groups: int [N] or None: rows with one group id (augmented views of one image) stay in
+      one fold.
+    scored: bool [N] or None (all rows): the validation rows that count; e.g. only the centre
+      views, the view the test split is read at, when the others are augmented copies.
+    folds: k >= 2; lowered to the smallest class count (with groups, the smallest number of
+      groups of a class) when that is smaller.
+    lambdas: the L2 strengths searched, non-empty, all > 0.
+    max_iter: L-BFGS iterations per fit.
+
+  Returns:
+    A `CSelection`: (c, cv_top1, folds).
+
+  Raises:
+    ValueError: a class with fewer than 2 examples (or groups), so no 2-fold split exists; folds
+      < 2; empty or non-positive lambdas; a fold without scored rows; and scikit-learn's own
+      (e.g. groups or scored of the wrong length).
+  """
+  if folds < 2:
+    raise ValueError(f"folds={folds} must be >= 2.")
+  lambdas = np.asarray(lambdas, np.float64)
+  if lambdas.size == 0 or not np.all(lambdas > 0):
+    raise ValueError(f"lambdas must be non-empty and all > 0; got {lambdas}.")
+  classes = np.unique(labels)
+  if groups is None:
+    per_class = np.bincount(np.searchsorted(classes, labels))
+  else:
+    per_class = np.array([len(np.unique(groups[labels == c])) for c in classes])
+  smallest = int(per_class.min())
+  if smallest < 2:
+    raise ValueError(
+      f"Choosing the probe's C by cross-validation needs >= 2 labelled images per class; class "
+      f"{classes[per_class.argmin()]} has {smallest}. Pass a fixed C (--probe_c) instead."
+    )
+  k = min(folds, smallest)
+  if groups is None:
+    splits = StratifiedKFold(k, shuffle=True, random_state=0).split(features, labels)
+  else:
+    splits = StratifiedGroupKFold(k, shuffle=True, random_state=0).split(features, labels, groups)
+  if scored is not None:
+    scored = np.asarray(scored, bool)
+    if scored.shape != (len(labels),):
+      raise ValueError(f"scored has shape {scored.shape}; expected ({len(labels)},).")
+    splits = [(train, held_out[scored[held_out]]) for train, held_out in splits]
+    if any(len(held_out) == 0 for _, held_out in splits):
+      raise ValueError("A cross-validation fold has no scored rows.")
+  cs = np.sort(1.0 / (lambdas * len(labels)))
+  model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+  search = GridSearchCV(
+    model,
+    {"logisticregression__C": cs},
+    scoring="accuracy",
+    cv=list(splits),
+    refit=False,
+    error_score="raise",
+  )
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    search.fit(features, labels)
+  scores = search.cv_results_["mean_test_score"]  # [len(cs)], in the order of cs
+  best = int(np.flatnonzero(scores >= scores.max() - 1e-9)[0])  # the smallest C of the best
+  return CSelection(float(cs[best]), float(scores[best]), k)
 
 
 def fit_linear_sgd(

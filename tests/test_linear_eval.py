@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from absl.testing import flagsaver
 from PIL import Image
+from sklearn.model_selection import StratifiedKFold
 
 import run_linear
 from configs import tiny
-from simclr_jax import checkpoint, input_pipeline, linear_eval, models, probes, train
+from simclr_jax import checkpoint, input_pipeline, linear_eval, models, probe_reports, probes, train
 
 # Learnable by any encoder: the class is the hue; brightness and pixel noise vary per image.
 COLOURS = {"blue": (0.1, 0.2, 0.9), "green": (0.1, 0.8, 0.2), "red": (0.9, 0.1, 0.1)}
@@ -138,16 +139,144 @@ def test_probes_separate_blobs(classifier):
   x, y = _blobs(12, 30, seed=1)
   test_x, test_y = _blobs(12, 10, seed=2)
   result, predictions = linear_eval.evaluate_layer(
-    x, y, test_x, test_y, num_classes=12, classifier=classifier
+    x, y, test_x, test_y, num_classes=12, classifier=classifier, c=1.0
   )
   assert result["top1"] > 0.9 and result["top5"] >= result["top1"]
   assert np.mean(predictions == test_y) == pytest.approx(result["top1"])
   assert result["knn"]["k20"]["k"] == 20 and result["knn"]["k200"]["k"] == 200
   assert result["knn"]["k20"]["top1"] > 0.9
   few, _ = linear_eval.evaluate_layer(
-    x[y < 3], y[y < 3], test_x[test_y < 3], test_y[test_y < 3], num_classes=3
+    x[y < 3], y[y < 3], test_x[test_y < 3], test_y[test_y < 3], num_classes=3, c=1.0
   )
   assert "top5" not in few and few["knn"]["k200"]["k"] == 90  # k capped at the labelled count
+
+
+def test_l2_grid_is_the_papers():
+  grid = probes.L2_GRID  # SimCLR Appendix B.8: 45 log-spaced values in [1e-6, 1e5]
+  assert len(grid) == 45 and grid[0] == pytest.approx(1e-6) and grid[-1] == pytest.approx(1e5)
+  np.testing.assert_allclose(np.diff(np.log10(grid)), 11 / 44)
+
+
+def test_select_logistic_c_ties_go_to_the_strongest_l2():
+  x, y = _blobs(3, 20, seed=1)  # separable: every C in the grid scores 100% in every fold
+  chosen = probes.select_logistic_c(x, y)
+  assert chosen.cv_top1 == 1.0 and chosen.folds == 5
+  assert chosen.c == pytest.approx(1.0 / (1e5 * len(y)))  # C = 1 / (lambda N), the largest lambda
+
+
+def test_select_logistic_c_picks_the_best_cv_score():
+  rng = np.random.default_rng(0)
+  labels = np.tile(np.arange(3), 30)
+  noise = rng.normal(size=(90, 64))
+  chance = probes.select_logistic_c(noise, labels)
+  signal = noise.copy()
+  signal[:, :3] += 3.0 * np.eye(3)[labels]
+  informed = probes.select_logistic_c(signal, labels)
+  assert chance.cv_top1 < 0.6 < informed.cv_top1
+  # Independently: the chosen C's folds, rebuilt by hand, give the reported score, and no C of
+  # a coarser grid around it does better.
+  folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(signal, labels))
+
+  def cv_top1(c):
+    return np.mean(
+      [
+        np.mean(probes.fit_logistic(signal[t], labels[t], c=c)(signal[v]).argmax(1) == labels[v])
+        for t, v in folds
+      ]
+    )
+
+  assert cv_top1(informed.c) == pytest.approx(informed.cv_top1)
+  for c in 1.0 / (probes.L2_GRID[::11] * 90):
+    assert cv_top1(c) <= informed.cv_top1 + 1e-9
+
+
+def _copies(num, dim, views, seed=0):
+  """Random features with random labels (nothing to learn), each row repeated `views` times."""
+  rng = np.random.default_rng(seed)
+  x, y = rng.normal(size=(num, dim)), rng.integers(0, 3, num)
+  return x, y, np.repeat(x, views, axis=0), np.repeat(y, views)  # example-major copies
+
+
+def test_select_logistic_c_keeps_views_of_one_image_in_one_fold():
+  # Honest CV scores random labels near chance (1/3). Exact copies stand in for an image's
+  # augmented views; split across folds, they leak labels (64 dims memorise 60 points).
+  _, _, views, view_labels = _copies(60, 64, 4)
+  groups = np.repeat(np.arange(60), 4)
+  grid = probes.L2_GRID[::11]  # 1e-6 ... 1e5: memorising and regularised C alike
+  leaky = probes.select_logistic_c(views, view_labels, lambdas=grid)
+  grouped = probes.select_logistic_c(views, view_labels, groups=groups, lambdas=grid)
+  assert leaky.cv_top1 > 0.95 and grouped.cv_top1 < 0.6
+
+
+def test_select_logistic_c_lowers_the_fold_count_for_small_classes():
+  x, y = _blobs(3, 3, seed=1)
+  grid = probes.L2_GRID[::11]
+  assert probes.select_logistic_c(x, y, lambdas=grid).folds == 3
+  assert probes.select_logistic_c(x, y, folds=2, lambdas=grid).folds == 2
+  groups = np.where(y == 0, np.arange(9) % 2, 10 + np.arange(9))  # class 0: 2 groups of images
+  assert probes.select_logistic_c(x, y, groups=groups, lambdas=grid).folds == 2
+
+
+def test_select_logistic_c_errors():
+  x, y = _blobs(3, 4, seed=1)
+  with pytest.raises(ValueError, match="class 2 has 1"):
+    probes.select_logistic_c(x[:9], y[:9])
+  with pytest.raises(ValueError, match="class 0 has 1"):
+    probes.select_logistic_c(x, y, groups=np.where(y == 0, 0, np.arange(12)))
+  with pytest.raises(ValueError, match="folds=1"):
+    probes.select_logistic_c(x, y, folds=1)
+  with pytest.raises(ValueError, match="lambdas must be non-empty and all > 0"):
+    probes.select_logistic_c(x, y, lambdas=np.asarray([1.0, 0.0]))
+  with pytest.raises(ValueError, match="no scored rows"):
+    probes.select_logistic_c(x, y, scored=np.zeros(12, bool))
+
+
+def test_evaluate_layer_records_and_uses_the_chosen_c(monkeypatch):
+  x, y = _blobs(3, 20, seed=1)
+  test_x, test_y = _blobs(3, 10, seed=2)
+  fitted = []
+  fit = probes.fit_logistic
+  monkeypatch.setattr(probes, "fit_logistic", lambda *a, c: fitted.append(c) or fit(*a, c=c))
+  chosen, _ = linear_eval.evaluate_layer(x, y, test_x, test_y, num_classes=3)
+  expected = 1.0 / (1e5 * 60)
+  assert chosen["logistic_c"] == {"c": pytest.approx(expected), "cv_top1": 1.0, "folds": 5}
+  fixed, _ = linear_eval.evaluate_layer(x, y, test_x, test_y, num_classes=3, c=1.0)
+  assert fixed["logistic_c"] == {"c": 1.0, "cv_top1": None, "folds": None}
+  assert fitted == [pytest.approx(expected), 1.0]  # the probe is fit with the chosen C
+  sgd, _ = linear_eval.evaluate_layer(x, y, test_x, test_y, num_classes=3, classifier="linear_sgd")
+  assert "logistic_c" not in sgd
+  with pytest.raises(ValueError, match="c=0.0 must be > 0"):
+    linear_eval.evaluate_layer(x, y, test_x, test_y, num_classes=3, c=0.0)
+  with pytest.raises(ValueError, match=r"extra_train \(7 rows\) is not K views"):
+    linear_eval.evaluate_layer(x, y, test_x, test_y, num_classes=3, extra_train=(x[:7], y[:7]))
+  shuffled = (np.tile(x, (2, 1)), np.tile(y, 2))  # view-major: labels out of order
+  with pytest.raises(ValueError, match="example-major"):
+    linear_eval.evaluate_layer(x, y, test_x, test_y, num_classes=3, extra_train=shuffled)
+
+
+def test_select_logistic_c_scores_only_the_scored_rows():
+  # Centre rows carry nothing about their random labels; their "views" carry the label plainly.
+  x, y, views, view_labels = _copies(60, 64, 3)
+  views = views + 5.0 * np.eye(64)[view_labels]
+  rows, labels = np.concatenate([x, views]), np.concatenate([y, view_labels])
+  groups = np.concatenate([np.arange(60), np.repeat(np.arange(60), 3)])
+  grid = probes.L2_GRID[::11]
+  everything = probes.select_logistic_c(rows, labels, groups=groups, lambdas=grid)
+  centre = probes.select_logistic_c(
+    rows, labels, groups=groups, scored=np.arange(240) < 60, lambdas=grid
+  )
+  assert everything.cv_top1 > 0.7 and centre.cv_top1 < 0.6
+
+
+def test_evaluate_layer_validates_on_whole_images_only():
+  # Random labels: if an image's views fell in other folds than the image (copies), or if views
+  # that carry the label were scored (signal), CV would score far above chance.
+  x, y, copies, copy_labels = _copies(60, 64, 3)
+  for views in (copies, copies + 5.0 * np.eye(64)[copy_labels]):
+    result, _ = linear_eval.evaluate_layer(
+      x, y, x[:6], y[:6], num_classes=3, extra_train=(views, copy_labels)
+    )
+    assert result["logistic_c"]["cv_top1"] < 0.6
 
 
 def test_knn_votes_are_temperature_weighted():
@@ -170,6 +299,9 @@ def test_probe_end_to_end(pretrained_run):
   assert settings["labelled_per_class"] == {name: NUM_TRAIN // 2 for name in COLOURS}
   assert settings["num_test"] == len(COLOURS) * NUM_TEST
   assert results["top1"] >= 0.9  # chance is 1/3
+  assert settings["probe_c"] is None and settings["probe_c_selection"] == linear_eval.CV_DESCRIPTION
+  assert results["logistic_c"]["cv_top1"] is not None and results["logistic_c"]["folds"] == 5
+  assert "chosen by 5-fold CV on the labelled images" in probe_reports.format_summary(results)
   assert results["knn"]["k20"]["top1"] >= 0.9
   assert np.sum(results["confusion_matrix"]) == len(COLOURS) * NUM_TEST
   num_layers = tiny.get_config().model.head.num_layers
@@ -231,6 +363,8 @@ def test_bad_inputs(pretrained_run, tmp_path):
     linear_eval.run_linear_probe(workdir, label_fraction=0.02, batch_size=BATCH_SIZE)
   with pytest.raises(ValueError, match="classifier"):
     linear_eval.run_linear_probe(workdir, classifier="svm")
+  with pytest.raises(ValueError, match="probe_c=-1.0 must be > 0"):
+    linear_eval.run_linear_probe(workdir, probe_c=-1.0)
   with pytest.raises(ValueError, match="train_views=-1"):
     linear_eval.run_linear_probe(workdir, train_views=-1)
   with pytest.raises(ValueError, match="image_size=0"):

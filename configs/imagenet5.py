@@ -10,7 +10,8 @@ label draws rose from 68.9% to 71.6%, README; 380 epochs instead of 340, which t
 fits in about the same time, 106 vs 102 min: 72.5%). Random-resized crops cover at least 20% of
 the image, not 8% (v9): the smallest crops span ~57 px of the 128 px cache instead of ~36 px, so
 about 6% of crops (computed: area < 0.25) are upsampled to 64 px instead of 18%; 72.7% (within the
-noise of v6's 72.5%; adopted by the rule fixed before the run, README).
+noise of v6's 72.5%; adopted by the rule fixed before the run, README). These figures are
+means over five label draws with the probe's C = 1.
 The probe reads 128 px full-image views (`data.eval_image_size`, `data.eval_crop_fraction`):
 random-resized crops magnify objects, so a larger test view matches what the encoder saw (FixRes);
 the size was chosen by 5-fold cross-validation on the labelled 10%, not on the test split (README,

@@ -38,6 +38,9 @@ flags.DEFINE_list(
 )
 flags.DEFINE_integer("steps", 5, "Timed steps per case (after 2 warm-up steps).")
 flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
+flags.DEFINE_enum(
+  "conv_impl", "xla", ["xla", "onednn"], "model.conv_impl: XLA's convolutions or oneDNN's (FFI)."
+)
 flags.DEFINE_integer(
   "grad_chunk", None, "model.conv_grad_chunk (images per backward chunk); default: auto."
 )
@@ -57,6 +60,7 @@ def _config(depth: int, size: int, batch: int, cifar: bool):
   config.model.cifar_stem = cifar
   config.model.dtype = FLAGS.dtype
   config.model.conv_grad_chunk = FLAGS.grad_chunk
+  config.model.conv_impl = FLAGS.conv_impl
   config.augment.enabled = FLAGS.augment
   config.data.image_size = size
   config.batch_size = batch
@@ -162,7 +166,10 @@ def run_case(spec: str) -> dict:
 def main(argv):
   del argv
   augmentation = "on-device augmentation included" if FLAGS.augment else "no augmentation"
-  print(f"devices: {jax.devices()}  dtype: {FLAGS.dtype}  {augmentation}")
+  print(
+    f"devices: {jax.devices()}  dtype: {FLAGS.dtype}  convolutions: {FLAGS.conv_impl}  "
+    f"{augmentation}"
+  )
   header = "| case | batch | compile s | step s | pairs/s | GFLOP/pair | GFLOP/s |"
   print(header)
   print("|" + "---|" * 7)

@@ -20,10 +20,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from simclr_jax import onednn
+
 ModuleDef = Any
 Dtype = Any
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CONV_IMPLS = ("xla", "onednn")
+"""model.conv_impl: XLA's convolutions, or oneDNN's through FFI (`onednn.conv2d`)."""
 
 
 # Images per chunk of the convolutions' backward pass on CPU. Measured on a 2-core CPU
@@ -165,6 +169,7 @@ class Conv(nn.Module):
   dtype: Dtype = jnp.float32
   use_bias: bool = False  # accepted for nn.Conv compatibility; must be False
   grad_chunk: int | None = None  # see `conv2d`; None: `default_grad_chunk()`
+  impl: str = "xla"  # "onednn": `onednn.conv2d` for outputs above 2x2 (float32, CPU)
 
   @nn.compact
   def __call__(self, x):
@@ -178,6 +183,8 @@ class Conv(nn.Module):
     s, p = self.strides, self.padding
     out_h = (x.shape[1] + 2 * p - kh) // s + 1
     out_w = (x.shape[2] + 2 * p - kw) // s + 1
+    if (max(out_h, out_w) > 2 or kh * kw == 1) and self.impl == "onednn":
+      return onednn.conv2d(x, kernel, s, p)
     if max(out_h, out_w) > 2 or kh * kw == 1:
       chunk = default_grad_chunk() if self.grad_chunk is None else self.grad_chunk
       return conv2d(x, kernel, s, p, chunk)
@@ -341,6 +348,8 @@ class ResNet(nn.Module):
       SimCLR §2.3), or None for per-device statistics.
     conv_grad_chunk: images per chunk of the convolutions' backward pass (`conv2d`); None:
       `default_grad_chunk()`; 0: the whole batch. Changes speed only.
+    conv_impl: "xla" (XLA's convolutions) or "onednn" (`onednn.conv2d`, float32 on CPU: faster
+      on CPU, docs/benchmarks.md "Session 9"). Changes speed only, up to float32 rounding.
   """
 
   stage_sizes: Sequence[int]
@@ -353,6 +362,7 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   axis_name: str | None = None
   conv_grad_chunk: int | None = None
+  conv_impl: str = "xla"
 
   @property
   def base_filters(self) -> int:
@@ -376,7 +386,11 @@ class ResNet(nn.Module):
       h: float32 [N, feature_dim], the global average pool of the last stage.
     """
     conv = functools.partial(
-      Conv, use_bias=False, dtype=self.dtype, grad_chunk=self.conv_grad_chunk
+      Conv,
+      use_bias=False,
+      dtype=self.dtype,
+      grad_chunk=self.conv_grad_chunk,
+      impl=self.conv_impl,
     )
     norm = functools.partial(
       nn.BatchNorm,
@@ -570,7 +584,8 @@ def build_model(
   Args:
     model_config: fields depth (18, 34, 50, 101, 152), width_multiplier (> 0), cifar_stem (bool,
       or None: CIFAR stem iff image_size <= 32), dtype ('float32' or 'bfloat16'), bn_momentum,
-      bn_epsilon, conv_grad_chunk (None, or >= 0; optional), head.preset ('simclr' or
+      bn_epsilon, conv_grad_chunk (None, or >= 0; optional), conv_impl ('xla' or 'onednn';
+      optional, 'xla'), head.preset ('simclr' or
       'seed'), head.num_layers (>= 1), head.hidden_dim (0: the feature width C), head.output_dim.
     image_size: side in px of the training images.
     axis_name: pmap/shard_map axis over which BN statistics are synchronised, or None.
@@ -580,7 +595,8 @@ def build_model(
 
   Raises:
     ValueError: naming the field, for an unknown depth, dtype or head preset, a non-positive
-      width multiplier, fewer than one head layer or a negative conv_grad_chunk.
+      width multiplier, fewer than one head layer, a negative conv_grad_chunk, an unknown
+      conv_impl or conv_impl 'onednn' with a dtype other than float32.
   """
   _check_choice("model.depth", model_config.depth, RESNETS)
   _check_choice("model.dtype", model_config.dtype, DTYPES)
@@ -593,6 +609,12 @@ def build_model(
   grad_chunk = model_config.get("conv_grad_chunk")
   if grad_chunk is not None and grad_chunk < 0:
     raise ValueError(f"model.conv_grad_chunk={grad_chunk!r} must be None or >= 0")
+  conv_impl = model_config.get("conv_impl", "xla")
+  _check_choice("model.conv_impl", conv_impl, CONV_IMPLS)
+  if conv_impl == "onednn" and model_config.dtype != "float32":
+    raise ValueError(
+      f"model.conv_impl='onednn' computes in float32; model.dtype={model_config.dtype!r}."
+    )
   cifar_stem = model_config.cifar_stem
   if cifar_stem is None:
     cifar_stem = image_size <= 32
@@ -607,6 +629,7 @@ def build_model(
     width_multiplier=model_config.width_multiplier,
     cifar_stem=bool(cifar_stem),
     conv_grad_chunk=grad_chunk,
+    conv_impl=conv_impl,
     **bn,
   )
   head = ProjectionHead(

@@ -1,8 +1,8 @@
-// Prototype (session 9): oneDNN convolution forward, backward-data and backward-weights as XLA FFI
-// handlers, so that a JAX convolution can run on the library PyTorch's CPU convolutions use.
+// oneDNN convolution forward, backward-data and backward-weights as XLA FFI handlers, so that
+// `models.Conv(impl="onednn")` runs on the library PyTorch's CPU convolutions use.
 // NHWC activations, HWIO kernels, float32, symmetric zero padding, equal strides in H and W.
-// Built and loaded by benchmarks/onednn_step.py (g++, Debian's libdnnl-dev 2.6, jaxlib's FFI
-// headers). oneDNN's primitive cache keeps the JIT-compiled kernels between calls; the
+// Built on first use and loaded by simclr_jax/onednn.py (g++, Debian's libdnnl-dev 2.6, jaxlib's
+// FFI headers). oneDNN's primitive cache keeps the JIT-compiled kernels between calls; the
 // primitive descriptors are rebuilt at each call (microseconds).
 #include <cstdint>
 #include <dnnl.hpp>

@@ -1,0 +1,120 @@
+"""2-D convolutions on oneDNN through XLA FFI custom calls: a faster CPU path for `models.Conv`.
+
+XLA's CPU convolutions (YNNPACK in jaxlib 0.10) are 1.2-2.6x slower per ResNet-18 layer than
+oneDNN's, the library PyTorch's CPU convolutions run on, and jaxlib's wheel has no oneDNN path
+(docs/benchmarks.md, sessions 7 and 9). `conv2d` calls oneDNN's forward, backward-data and
+backward-weights primitives (`onednn_conv.cc`) as XLA FFI custom calls under a `jax.custom_vjp`.
+The library is compiled with g++ on first use into `$SIMCLR_JAX_CACHE` (default
+`~/.cache/simclr_jax`) and needs Debian's `libdnnl-dev` (oneDNN 2.6) and `g++`. CPU only,
+float32 only. Selected by `config.model.conv_impl = "onednn"`.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
+_TARGETS = ("ConvFwd", "ConvBwdData", "ConvBwdWeights")
+
+
+def _cache_dir() -> str:
+  default = os.path.join(os.path.expanduser("~"), ".cache", "simclr_jax")
+  return os.environ.get("SIMCLR_JAX_CACHE", default)
+
+
+@functools.cache
+def register() -> str:
+  """Builds the library (once per source and jax version), registers its FFI targets.
+
+  Returns:
+    The path of the shared library.
+
+  Raises:
+    RuntimeError: g++ is missing or the build failed (e.g. oneDNN's headers are not installed:
+      `apt-get install libdnnl-dev g++`); the message holds the compiler's output.
+  """
+  with open(SOURCE, "rb") as f:
+    digest = hashlib.sha256(f.read() + jax.__version__.encode()).hexdigest()[:16]
+  library = os.path.join(_cache_dir(), f"onednn_conv_{digest}.so")
+  if not os.path.exists(library):
+    os.makedirs(_cache_dir(), exist_ok=True)
+    partial = f"{library}.{os.getpid()}.tmp"  # renamed when complete: never a half-written .so
+    command = ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
+    command += ["-o", partial, SOURCE, "-ldnnl"]
+    try:
+      subprocess.run(command, check=True, capture_output=True, text=True)
+    except FileNotFoundError as e:
+      raise RuntimeError(
+        "model.conv_impl='onednn' needs g++ (apt-get install g++ libdnnl-dev)."
+      ) from e
+    except subprocess.CalledProcessError as e:
+      raise RuntimeError(
+        f"Building {SOURCE} failed (is oneDNN installed? apt-get install libdnnl-dev):\n{e.stderr}"
+      ) from e
+    os.replace(partial, library)
+  handlers = ctypes.cdll.LoadLibrary(library)
+  for name in _TARGETS:
+    target = jax.ffi.pycapsule(getattr(handlers, name))
+    jax.ffi.register_ffi_target(f"onednn_{name}", target, platform="cpu")
+  return library
+
+
+def _call(name, shape, a, b, stride, padding):
+  result = jax.ShapeDtypeStruct(shape, jnp.float32)
+  return jax.ffi.ffi_call(f"onednn_{name}", result)(
+    a, b, stride=np.int64(stride), pad=np.int64(padding)
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: int) -> jnp.ndarray:
+  """2-D convolution (cross-correlation) on oneDNN; same contract as `models.conv2d`.
+
+  Args:
+    x: float32 [N, H, W, C_in].
+    kernel: float32 [kh, kw, C_in, C_out].
+    stride: static int >= 1, the same in both spatial dimensions.
+    padding: static int >= 0, zeros on each side of both spatial dimensions.
+
+  Returns:
+    float32 [N, (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1,
+    C_out]. Gradients (both x and kernel) come from oneDNN's backward-data and backward-weights.
+
+  Raises:
+    ValueError: x or kernel is not float32.
+    RuntimeError: from `register` (the library cannot be built).
+  """
+  return _forward(x, kernel, stride, padding)
+
+
+def _forward(x, kernel, stride, padding):
+  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+    raise ValueError(
+      f"model.conv_impl='onednn' computes in float32; got x {x.dtype}, kernel {kernel.dtype} "
+      "(set model.dtype='float32' or conv_impl='xla')."
+    )
+  register()
+  n, h, w, _ = x.shape
+  kh, kw, _, c_out = kernel.shape
+  shape = (n, (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1, c_out)
+  return _call("ConvFwd", shape, x, kernel, stride, padding)
+
+
+def _conv2d_fwd(x, kernel, stride, padding):
+  return _forward(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv2d_bwd(stride, padding, residuals, g):
+  x, kernel = residuals
+  dx = _call("ConvBwdData", x.shape, g, kernel, stride, padding)
+  dkernel = _call("ConvBwdWeights", kernel.shape, x, g, stride, padding)
+  return dx, dkernel
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

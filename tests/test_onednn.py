@@ -1,0 +1,88 @@
+"""oneDNN convolutions through XLA FFI (`model.conv_impl='onednn'`) against XLA's: values and
+gradients of single layers and of a whole SimCLR model, and the errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from simclr_jax import models, onednn
+
+LAYERS = [  # (N, side, C_in, C_out, kernel, stride): the stem, 3x3 stages, strided, 1x1 shortcut
+  (4, 9, 3, 8, 7, 2),
+  (3, 8, 16, 32, 3, 1),
+  (2, 8, 16, 32, 3, 2),
+  (2, 8, 16, 32, 1, 2),
+  (2, 5, 8, 8, 3, 1),
+]
+
+
+def _xla(x, kernel, stride, padding):
+  return jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    (stride, stride),
+    ((padding, padding),) * 2,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+
+
+@pytest.mark.parametrize("n, side, c_in, c_out, k, stride", LAYERS)
+def test_conv2d_equals_xla_values_and_gradients(n, side, c_in, c_out, k, stride):
+  rng = np.random.default_rng(k * 10 + stride)
+  x = jnp.asarray(rng.normal(size=(n, side, side, c_in)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, c_in, c_out)), jnp.float32)
+  padding = k // 2
+  ours, ours_vjp = jax.vjp(lambda x, w: onednn.conv2d(x, w, stride, padding), x, kernel)
+  ref, ref_vjp = jax.vjp(lambda x, w: _xla(x, w, stride, padding), x, kernel)
+  assert ours.shape == ref.shape and ours.dtype == jnp.float32
+  g = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
+  for a, b in zip((ours, *ours_vjp(g)), (ref, *ref_vjp(g)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  jitted = jax.jit(lambda x, w: onednn.conv2d(x, w, stride, padding))(x, kernel)
+  np.testing.assert_allclose(jitted, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_model_with_onednn_equals_xla():
+  config = default.get_config().model
+  config.depth = 18
+  config.width_multiplier = 0.25
+  images = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 32, 32, 3)), jnp.float32)
+  xla = models.build_model(config, image_size=32)
+  config.conv_impl = "onednn"
+  ours = models.build_model(config, image_size=32)
+  variables = xla.init(jax.random.key(0), images, train=False)
+  calls = str(jax.make_jaxpr(lambda v: ours.apply(v, images, train=False))(variables))
+  assert "onednn_ConvFwd" in calls  # the switch reaches the convolutions
+  assert "onednn" not in str(jax.make_jaxpr(lambda v: xla.apply(v, images, train=False))(variables))
+
+  def loss(model):
+    def f(params):
+      (z, _), _ = model.apply(
+        {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
+      )
+      return jnp.sum(z**2), z
+
+    return jax.value_and_grad(f, has_aux=True)(variables["params"])
+
+  (ref_loss, ref_z), ref_grads = loss(xla)
+  (our_loss, our_z), our_grads = loss(ours)
+  np.testing.assert_allclose(our_z, ref_z, rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(our_loss, ref_loss, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(our_grads), jax.tree.leaves(ref_grads), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.abs(b).max()) + 1e-6)
+
+
+def test_errors():
+  config = default.get_config().model
+  config.conv_impl = "mkl"
+  with pytest.raises(ValueError, match="model.conv_impl"):
+    models.build_model(config, image_size=32)
+  config.conv_impl = "onednn"
+  config.dtype = "bfloat16"
+  with pytest.raises(ValueError, match="conv_impl='onednn' computes in float32"):
+    models.build_model(config, image_size=32)
+  x = jnp.zeros((1, 8, 8, 3), jnp.bfloat16)
+  with pytest.raises(ValueError, match="got x bfloat16"):
+    onednn.conv2d(x, jnp.zeros((3, 3, 3, 4), jnp.bfloat16), 1, 1)

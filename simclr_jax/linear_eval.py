@@ -272,6 +272,8 @@ def evaluate_layer(
 def _data_config(pretrained: checkpoint.Pretrained, data_root: str | None):
   """The pretraining config with `data_root` swapped in, and its class names, checked."""
   config = ml_collections.ConfigDict(pretrained.config.to_dict())
+  if config.model.get("conv_impl") == "onednn" and jax.default_backend() != "cpu":
+    config.model.conv_impl = "xla"  # speed only; oneDNN's path exists on the CPU backend alone
   if data_root:
     if config.data.source == "tfds":
       config.data.tfds_data_dir = data_root

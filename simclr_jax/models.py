@@ -169,7 +169,7 @@ class Conv(nn.Module):
   dtype: Dtype = jnp.float32
   use_bias: bool = False  # accepted for nn.Conv compatibility; must be False
   grad_chunk: int | None = None  # see `conv2d`; None: `default_grad_chunk()`
-  impl: str = "xla"  # "onednn": `onednn.conv2d` for outputs above 2x2 (float32, CPU)
+  impl: str = "xla"  # "onednn": `onednn.conv2d` where XLA's path is used (grad_chunk ignored)
 
   @nn.compact
   def __call__(self, x):
@@ -611,6 +611,11 @@ def build_model(
     raise ValueError(f"model.conv_grad_chunk={grad_chunk!r} must be None or >= 0")
   conv_impl = model_config.get("conv_impl", "xla")
   _check_choice("model.conv_impl", conv_impl, CONV_IMPLS)
+  if conv_impl == "onednn" and jax.default_backend() != "cpu":
+    raise ValueError(
+      f"model.conv_impl='onednn' runs on the CPU backend only; this is {jax.default_backend()!r} "
+      "(use conv_impl='xla')."
+    )
   if conv_impl == "onednn" and model_config.dtype != "float32":
     raise ValueError(
       f"model.conv_impl='onednn' computes in float32; model.dtype={model_config.dtype!r}."

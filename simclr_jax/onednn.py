@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import subprocess
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,9 @@ def register() -> str:
   library = os.path.join(_cache_dir(), f"onednn_conv_{digest}.so")
   if not os.path.exists(library):
     os.makedirs(_cache_dir(), exist_ok=True)
-    partial = f"{library}.{os.getpid()}.tmp"  # renamed when complete: never a half-written .so
+    # Built under a unique name, renamed when complete: never a half-written .so.
+    fd, partial = tempfile.mkstemp(dir=_cache_dir(), suffix=".so.tmp")
+    os.close(fd)
     command = ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
     command += ["-o", partial, SOURCE, "-ldnnl"]
     try:
@@ -54,11 +57,15 @@ def register() -> str:
         "model.conv_impl='onednn' needs g++ (apt-get install g++ libdnnl-dev)."
       ) from e
     except subprocess.CalledProcessError as e:
+      os.remove(partial)
       raise RuntimeError(
-        f"Building {SOURCE} failed (is oneDNN installed? apt-get install libdnnl-dev):\n{e.stderr}"
+        f"Building {SOURCE} failed (it needs oneDNN 2.x: apt-get install libdnnl-dev):\n{e.stderr}"
       ) from e
     os.replace(partial, library)
-  handlers = ctypes.cdll.LoadLibrary(library)
+  try:
+    handlers = ctypes.cdll.LoadLibrary(library)
+  except OSError as e:
+    raise RuntimeError(f"Loading {library} failed (apt-get install libdnnl-dev?): {e}") from e
   for name in _TARGETS:
     target = jax.ffi.pycapsule(getattr(handlers, name))
     jax.ffi.register_ffi_target(f"onednn_{name}", target, platform="cpu")
@@ -67,7 +74,7 @@ def register() -> str:
 
 def _call(name, shape, a, b, stride, padding):
   result = jax.ShapeDtypeStruct(shape, jnp.float32)
-  return jax.ffi.ffi_call(f"onednn_{name}", result)(
+  return jax.ffi.ffi_call(f"onednn_{name}", result, vmap_method="sequential")(
     a, b, stride=np.int64(stride), pad=np.int64(padding)
   )
 
@@ -84,7 +91,9 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: int) -> jn
 
   Returns:
     float32 [N, (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1,
-    C_out]. Gradients (both x and kernel) come from oneDNN's backward-data and backward-weights.
+    C_out]. Gradients (both x and kernel) come from oneDNN's backward-data and backward-weights;
+    they are not differentiable again (no second-order gradients). Under `jax.vmap` the calls run
+    sequentially over the mapped axis.
 
   Raises:
     ValueError: x or kernel is not float32.

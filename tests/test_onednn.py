@@ -15,6 +15,7 @@ LAYERS = [  # (N, side, C_in, C_out, kernel, stride): the stem, 3x3 stages, stri
   (2, 8, 16, 32, 3, 2),
   (2, 8, 16, 32, 1, 2),
   (2, 5, 8, 8, 3, 1),
+  (2, (7, 9), 6, 10, 3, 2),  # H != W: catches swapped spatial axes
 ]
 
 
@@ -31,7 +32,8 @@ def _xla(x, kernel, stride, padding):
 @pytest.mark.parametrize("n, side, c_in, c_out, k, stride", LAYERS)
 def test_conv2d_equals_xla_values_and_gradients(n, side, c_in, c_out, k, stride):
   rng = np.random.default_rng(k * 10 + stride)
-  x = jnp.asarray(rng.normal(size=(n, side, side, c_in)), jnp.float32)
+  h, w = side if isinstance(side, tuple) else (side, side)
+  x = jnp.asarray(rng.normal(size=(n, h, w, c_in)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(k, k, c_in, c_out)), jnp.float32)
   padding = k // 2
   ours, ours_vjp = jax.vjp(lambda x, w: onednn.conv2d(x, w, stride, padding), x, kernel)
@@ -40,8 +42,8 @@ def test_conv2d_equals_xla_values_and_gradients(n, side, c_in, c_out, k, stride)
   g = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
   for a, b in zip((ours, *ours_vjp(g)), (ref, *ref_vjp(g)), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  jitted = jax.jit(lambda x, w: onednn.conv2d(x, w, stride, padding))(x, kernel)
-  np.testing.assert_allclose(jitted, ref, rtol=1e-4, atol=1e-4)
+  jitted_grad = jax.jit(jax.grad(lambda x, w: jnp.sum(onednn.conv2d(x, w, stride, padding) * g)))
+  np.testing.assert_allclose(jitted_grad(x, kernel), ref_vjp(g)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_model_with_onednn_equals_xla():
@@ -54,7 +56,8 @@ def test_model_with_onednn_equals_xla():
   ours = models.build_model(config, image_size=32)
   variables = xla.init(jax.random.key(0), images, train=False)
   calls = str(jax.make_jaxpr(lambda v: ours.apply(v, images, train=False))(variables))
-  assert "onednn_ConvFwd" in calls  # the switch reaches the convolutions
+  # The switch reaches every convolution: ResNet-18 has 20 (stem, 16 in blocks, 3 shortcuts).
+  assert calls.count("onednn_ConvFwd") == 20
   assert "onednn" not in str(jax.make_jaxpr(lambda v: xla.apply(v, images, train=False))(variables))
 
   def loss(model):
@@ -74,6 +77,17 @@ def test_model_with_onednn_equals_xla():
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.abs(b).max()) + 1e-6)
 
 
+def test_pmap_equals_single_device():
+  # Several devices call the handlers concurrently (conftest: 4 CPU devices).
+  n = jax.local_device_count()
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(n, 2, 8, 8, 16)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32)
+  mapped = jax.pmap(lambda x: onednn.conv2d(x, kernel, 1, 1))(x)
+  for i in range(n):
+    np.testing.assert_allclose(mapped[i], _xla(x[i], kernel, 1, 1), rtol=1e-4, atol=1e-4)
+
+
 def test_errors():
   config = default.get_config().model
   config.conv_impl = "mkl"
@@ -86,3 +100,5 @@ def test_errors():
   x = jnp.zeros((1, 8, 8, 3), jnp.bfloat16)
   with pytest.raises(ValueError, match="got x bfloat16"):
     onednn.conv2d(x, jnp.zeros((3, 3, 3, 4), jnp.bfloat16), 1, 1)
+  with pytest.raises(Exception, match="kernel C_in != input channels"):  # an error, not a crash
+    jax.block_until_ready(onednn.conv2d(jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 5, 4)), 1, 1))

@@ -1,12 +1,13 @@
-"""Per-layer convolution times of the model's own convolution (`models.Conv`), to set beside
-oneDNN's (`benchmarks/onednn_conv.cpp`, the library PyTorch's CPU convolutions run on).
+"""Per-layer convolution times of `models.Conv` with XLA's convolutions and with oneDNN's
+(`model.conv_impl`: 'xla' or 'onednn', the library PyTorch's CPU convolutions run on).
 
     python -m benchmarks.conv_layers
 
 For ResNet-18's 3x3 stages and its 7x7/2 stem at 64 px crops, batch 256 (128 pairs, both views)
 in NHWC float32: forward, and backward (gradients of input and kernel together, as the train
-step needs them; `models.conv2d`'s custom VJP computes both), each the best of 5 timed calls
-after 2 warm-up calls, in ms. Run on a quiet machine; compile time is excluded.
+step needs them), each the best of 5 timed calls after 2 warm-up calls, in ms, for both
+implementations. Run on a quiet machine; compile time is excluded. 'onednn' needs Debian's
+libdnnl-dev and g++ (`simclr_jax/onednn.py`).
 """
 
 import os
@@ -43,21 +44,21 @@ def best_ms(fn, *args, repeats=5):
 
 def main():
   print(f"jax {jax.__version__}, {jax.device_count()} device(s): {jax.devices()[0].device_kind}")
-  print("| layer | forward ms | backward (input + kernel) ms |")
+  print("| layer | forward ms, xla / onednn | backward (input + kernel) ms, xla / onednn |")
   print("| --- | ---: | ---: |")
   for n, c_in, c_out, side, k, stride in SHAPES:
-    conv = models.Conv(c_out, (k, k), strides=stride, padding=k // 2)
     x = jax.random.normal(jax.random.key(0), (n, side, side, c_in), jnp.float32)
-    params = conv.init(jax.random.key(1), x)
-    forward = jax.jit(conv.apply)
-    y = forward(params, x)
-    g = jax.random.normal(jax.random.key(2), y.shape, jnp.float32)
-
-    backward = jax.jit(lambda params, x, g, apply=conv.apply: jax.vjp(apply, params, x)[1](g))
-
+    times = []
+    for impl in models.CONV_IMPLS:
+      conv = models.Conv(c_out, (k, k), strides=stride, padding=k // 2, impl=impl)
+      params = conv.init(jax.random.key(1), x)
+      forward = jax.jit(conv.apply)
+      g = jax.random.normal(jax.random.key(2), forward(params, x).shape, jnp.float32)
+      backward = jax.jit(lambda params, x, g, apply=conv.apply: jax.vjp(apply, params, x)[1](g))
+      times.append((best_ms(forward, params, x), best_ms(backward, params, x, g)))
+    (xla_fwd, xla_bwd), (dnn_fwd, dnn_bwd) = times
     name = f"{k}x{k}/{stride}, {c_in}->{c_out}, {side}x{side} in, N={n}"
-    fwd, bwd = best_ms(forward, params, x), best_ms(backward, params, x, g)
-    print(f"| {name} | {fwd:.1f} | {bwd:.1f} |", flush=True)
+    print(f"| {name} | {xla_fwd:.1f} / {dnn_fwd:.1f} | {xla_bwd:.1f} / {dnn_bwd:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

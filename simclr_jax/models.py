@@ -183,9 +183,9 @@ class Conv(nn.Module):
     s, p = self.strides, self.padding
     out_h = (x.shape[1] + 2 * p - kh) // s + 1
     out_w = (x.shape[2] + 2 * p - kw) // s + 1
-    if (max(out_h, out_w) > 2 or kh * kw == 1) and self.impl == "onednn":
-      return onednn.conv2d(x, kernel, s, p)
     if max(out_h, out_w) > 2 or kh * kw == 1:
+      if self.impl == "onednn":
+        return onednn.conv2d(x, kernel, s, p)
       chunk = default_grad_chunk() if self.grad_chunk is None else self.grad_chunk
       return conv2d(x, kernel, s, p, chunk)
     n, h_in, w_in, _ = x.shape

@@ -14,131 +14,123 @@ namespace ffi = xla::ffi;
 using dnnl::memory;
 using tag = memory::format_tag;
 using dt = memory::data_type;
+using Buf = ffi::Buffer<ffi::F32, 4>;
+using Res = ffi::ResultBuffer<ffi::F32, 4>;
+using Dims = ffi::Span<const int64_t>;
 
 namespace {
 dnnl::engine& eng() { static dnnl::engine e(dnnl::engine::kind::cpu, 0); return e; }
 
-struct Geo { memory::dims src, wei, dst, strides, pad; };
+// One convolution: NHWC activations, the HWIO kernel as given and in the layout oneDNN picks.
+struct Conv {
+  memory::desc src, dst, hwio, any_weights;
+  memory::dims strides, pad;
+};
 
-Geo geometry(int64_t n, int64_t h, int64_t w, int64_t ci, int64_t kh, int64_t kw, int64_t co,
-             int64_t stride, int64_t pad) {
-  int64_t ho = (h + 2 * pad - kh) / stride + 1, wo = (w + 2 * pad - kw) / stride + 1;
-  return {{n, ci, h, w}, {co, ci, kh, kw}, {n, co, ho, wo}, {stride, stride}, {pad, pad}};
+// From the input x [N, H, W, Ci] and kernel [kh, kw, Ci, Co] shapes.
+Conv describe(Dims x, Dims k, int64_t stride, int64_t pad) {
+  const int64_t ho = (x[1] + 2 * pad - k[0]) / stride + 1, wo = (x[2] + 2 * pad - k[1]) / stride + 1;
+  const memory::dims weights{k[3], k[2], k[0], k[1]};
+  return {memory::desc({x[0], x[3], x[1], x[2]}, dt::f32, tag::nhwc),
+          memory::desc({x[0], k[3], ho, wo}, dt::f32, tag::nhwc),
+          memory::desc(weights, dt::f32, tag::hwio), memory::desc(weights, dt::f32, tag::any),
+          {stride, stride}, {pad, pad}};
 }
 
-using Buf = ffi::Buffer<ffi::F32, 4>;
-using Res = ffi::ResultBuffer<ffi::F32, 4>;
-
-// Checks what Python promises: matching channels, positive stride, non-negative padding, and the
-// expected output extents, so that a mismatch is an error rather than a buffer overrun.
-ffi::Error check(const Geo& g, int64_t kernel_c_in, int64_t c_in, ffi::Span<const int64_t> out,
-                 bool out_is_dst, int64_t stride, int64_t pad) {
+// Checks what Python promises: matching channels, stride >= 1, padding >= 0, and y's extents
+// [N, Ho, Wo, Co], so that a mismatch is an error rather than a buffer overrun.
+ffi::Error check(Dims x, Dims k, Dims y, int64_t stride, int64_t pad) {
   if (stride < 1 || pad < 0) return ffi::Error::InvalidArgument("stride must be >= 1, pad >= 0");
-  if (kernel_c_in != c_in) return ffi::Error::InvalidArgument("kernel C_in != input channels");
-  const memory::dims& d = out_is_dst ? g.dst : g.src;
-  if (out[0] != d[0] || out[1] != d[2] || out[2] != d[3] || out[3] != d[1])
+  if (k[2] != x[3]) return ffi::Error::InvalidArgument("kernel C_in != input channels");
+  const memory::dims d = describe(x, k, stride, pad).dst.dims();  // N, Co, Ho, Wo
+  if (y[0] != d[0] || y[1] != d[2] || y[2] != d[3] || y[3] != d[1])
     return ffi::Error::InvalidArgument("buffer shapes do not match the convolution");
   return ffi::Error::Success();
 }
 
+memory bind(const memory::desc& desc, void* data) { return memory(desc, eng(), data); }
+
+// `user` in the layout `want`: itself, or a reordered copy.
+memory in_layout(const memory& user, const memory::desc& want, dnnl::stream& s) {
+  if (user.get_desc() == want) return user;
+  memory copy(want, eng());
+  dnnl::reorder(user, copy).execute(s, const_cast<memory&>(user), copy);
+  return copy;
+}
+
+dnnl::convolution_forward::primitive_desc forward_pd(const Conv& c) {
+  return {{dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, c.src,
+           c.any_weights, c.dst, c.strides, c.pad, c.pad},
+          eng()};
+}
+
+// Runs `body(stream)` and waits; oneDNN's exceptions become FFI errors, never a crash.
 template <typename F>
-ffi::Error guarded(F&& body) {
+ffi::Error run(F&& body) {
   try {
-    return body();
+    dnnl::stream s(eng());
+    body(s);
+    s.wait();
+    return ffi::Error::Success();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   } catch (const std::exception& e) {
     return ffi::Error::Internal(e.what());
   }
 }
-
-dnnl::convolution_forward::primitive_desc fwd_pd(const Geo& g) {
-  return dnnl::convolution_forward::primitive_desc(
-      dnnl::convolution_forward::desc(
-          dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-          memory::desc(g.src, dt::f32, tag::nhwc), memory::desc(g.wei, dt::f32, tag::any),
-          memory::desc(g.dst, dt::f32, tag::nhwc), g.strides, g.pad, g.pad),
-      eng());
-}
 }  // namespace
 
+// y [N, Ho, Wo, Co] from x [N, H, W, Ci] and kernel [kh, kw, Ci, Co].
 static ffi::Error ConvFwdImpl(Buf x, Buf k, Res y, int64_t stride, int64_t pad) {
-  auto xd = x.dimensions(); auto kd = k.dimensions();
-  Geo g = geometry(xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3], stride, pad);
-  if (auto e = check(g, kd[2], xd[3], y->dimensions(), true, stride, pad); e.failure()) return e;
-  return guarded([&]() -> ffi::Error {
-  dnnl::stream s(eng());
-  auto pd = fwd_pd(g);
-  memory user_w(memory::desc(g.wei, dt::f32, tag::hwio), eng(), k.typed_data());
-  memory w = user_w;
-  if (pd.weights_desc() != user_w.get_desc()) {
-    w = memory(pd.weights_desc(), eng());
-    dnnl::reorder(user_w, w).execute(s, user_w, w);
-  }
-  memory src(memory::desc(g.src, dt::f32, tag::nhwc), eng(), x.typed_data());
-  memory dst(memory::desc(g.dst, dt::f32, tag::nhwc), eng(), y->typed_data());
-  dnnl::convolution_forward(pd).execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, dst}});
-  s.wait();
-  return ffi::Error::Success();
+  if (auto e = check(x.dimensions(), k.dimensions(), y->dimensions(), stride, pad); e.failure())
+    return e;
+  const Conv c = describe(x.dimensions(), k.dimensions(), stride, pad);
+  return run([&](dnnl::stream& s) {
+    const auto pd = forward_pd(c);
+    memory w = in_layout(bind(c.hwio, k.typed_data()), pd.weights_desc(), s);
+    dnnl::convolution_forward(pd).execute(
+        s, {{DNNL_ARG_SRC, bind(c.src, x.typed_data())}, {DNNL_ARG_WEIGHTS, w},
+            {DNNL_ARG_DST, bind(c.dst, y->typed_data())}});
   });
 }
 
-// dx from dy [N, Ho, Wo, Co] and kernel [kh, kw, Ci, Co]; dx's shape comes from the result.
+// dx [N, H, W, Ci] (its shape from the result) from dy [N, Ho, Wo, Co] and the kernel.
 static ffi::Error ConvBwdDataImpl(Buf dy, Buf k, Res dx, int64_t stride, int64_t pad) {
-  auto xd = dx->dimensions(); auto kd = k.dimensions();
-  Geo g = geometry(xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3], stride, pad);
-  if (auto e = check(g, kd[2], xd[3], dy.dimensions(), true, stride, pad); e.failure()) return e;
-  return guarded([&]() -> ffi::Error {
-  dnnl::stream s(eng());
-  auto fpd = fwd_pd(g);
-  dnnl::convolution_backward_data::primitive_desc pd(
-      dnnl::convolution_backward_data::desc(
-          dnnl::algorithm::convolution_direct, memory::desc(g.src, dt::f32, tag::nhwc),
-          memory::desc(g.wei, dt::f32, tag::any), memory::desc(g.dst, dt::f32, tag::nhwc),
-          g.strides, g.pad, g.pad),
-      eng(), fpd);
-  memory user_w(memory::desc(g.wei, dt::f32, tag::hwio), eng(), k.typed_data());
-  memory w = user_w;
-  if (pd.weights_desc() != user_w.get_desc()) {
-    w = memory(pd.weights_desc(), eng());
-    dnnl::reorder(user_w, w).execute(s, user_w, w);
-  }
-  memory ddst(memory::desc(g.dst, dt::f32, tag::nhwc), eng(), dy.typed_data());
-  memory dsrc(memory::desc(g.src, dt::f32, tag::nhwc), eng(), dx->typed_data());
-  dnnl::convolution_backward_data(pd).execute(s, {{DNNL_ARG_DIFF_DST, ddst}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DIFF_SRC, dsrc}});
-  s.wait();
-  return ffi::Error::Success();
+  if (auto e = check(dx->dimensions(), k.dimensions(), dy.dimensions(), stride, pad); e.failure())
+    return e;
+  const Conv c = describe(dx->dimensions(), k.dimensions(), stride, pad);
+  return run([&](dnnl::stream& s) {
+    const dnnl::convolution_backward_data::primitive_desc pd(
+        {dnnl::algorithm::convolution_direct, c.src, c.any_weights, c.dst, c.strides, c.pad, c.pad},
+        eng(), forward_pd(c));
+    memory w = in_layout(bind(c.hwio, k.typed_data()), pd.weights_desc(), s);
+    dnnl::convolution_backward_data(pd).execute(
+        s, {{DNNL_ARG_DIFF_DST, bind(c.dst, dy.typed_data())}, {DNNL_ARG_WEIGHTS, w},
+            {DNNL_ARG_DIFF_SRC, bind(c.src, dx->typed_data())}});
   });
 }
 
-// dk [kh, kw, Ci, Co] from x [N, H, W, Ci] and dy [N, Ho, Wo, Co].
+// dk [kh, kw, Ci, Co] (its shape from the result) from x [N, H, W, Ci] and dy [N, Ho, Wo, Co].
 static ffi::Error ConvBwdWeightsImpl(Buf x, Buf dy, Res dk, int64_t stride, int64_t pad) {
-  auto xd = x.dimensions(); auto kd = dk->dimensions();
-  Geo g = geometry(xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3], stride, pad);
-  if (auto e = check(g, kd[2], xd[3], dy.dimensions(), true, stride, pad); e.failure()) return e;
-  return guarded([&]() -> ffi::Error {
-  dnnl::stream s(eng());
-  auto fpd = fwd_pd(g);
-  dnnl::convolution_backward_weights::primitive_desc pd(
-      dnnl::convolution_backward_weights::desc(
-          dnnl::algorithm::convolution_direct, memory::desc(g.src, dt::f32, tag::nhwc),
-          memory::desc(g.wei, dt::f32, tag::any), memory::desc(g.dst, dt::f32, tag::nhwc),
-          g.strides, g.pad, g.pad),
-      eng(), fpd);
-  memory user_dw(memory::desc(g.wei, dt::f32, tag::hwio), eng(), dk->typed_data());
-  memory dw = user_dw;
-  bool reorder = pd.diff_weights_desc() != user_dw.get_desc();
-  if (reorder) dw = memory(pd.diff_weights_desc(), eng());
-  memory src(memory::desc(g.src, dt::f32, tag::nhwc), eng(), x.typed_data());
-  memory ddst(memory::desc(g.dst, dt::f32, tag::nhwc), eng(), dy.typed_data());
-  dnnl::convolution_backward_weights(pd).execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, ddst}, {DNNL_ARG_DIFF_WEIGHTS, dw}});
-  if (reorder) dnnl::reorder(dw, user_dw).execute(s, dw, user_dw);
-  s.wait();
-  return ffi::Error::Success();
+  if (auto e = check(x.dimensions(), dk->dimensions(), dy.dimensions(), stride, pad); e.failure())
+    return e;
+  const Conv c = describe(x.dimensions(), dk->dimensions(), stride, pad);
+  return run([&](dnnl::stream& s) {
+    const dnnl::convolution_backward_weights::primitive_desc pd(
+        {dnnl::algorithm::convolution_direct, c.src, c.any_weights, c.dst, c.strides, c.pad, c.pad},
+        eng(), forward_pd(c));
+    memory user_dw = bind(c.hwio, dk->typed_data());
+    const bool same = pd.diff_weights_desc() == c.hwio;
+    memory dw = same ? user_dw : memory(pd.diff_weights_desc(), eng());
+    dnnl::convolution_backward_weights(pd).execute(
+        s, {{DNNL_ARG_SRC, bind(c.src, x.typed_data())},
+            {DNNL_ARG_DIFF_DST, bind(c.dst, dy.typed_data())}, {DNNL_ARG_DIFF_WEIGHTS, dw}});
+    if (!same) dnnl::reorder(dw, user_dw).execute(s, dw, user_dw);
   });
 }
 
-#define BIND3 ffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<ffi::Buffer<ffi::F32, 4>>().Attr<int64_t>("stride").Attr<int64_t>("pad")
+#define BIND3 \
+  ffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<ffi::Buffer<ffi::F32, 4>>().Attr<int64_t>("stride").Attr<int64_t>("pad")
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvFwd, ConvFwdImpl, BIND3);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBwdData, ConvBwdDataImpl, BIND3);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBwdWeights, ConvBwdWeightsImpl, BIND3);

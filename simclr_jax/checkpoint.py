@@ -105,14 +105,22 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
-  """Fields whose value differs between a checkpoint's saved config and `config`, as text."""
+  """Fields whose value differs between a checkpoint's saved config and `config`, as text.
+
+  A field that the checkpoint's config lacks (saved by a version without it) reads
+  "<field>: absent from the checkpoint -> <value>"; one that `config` lacks, the other way round.
+  """
   old, new = _flatten(saved), _flatten(json.loads(config.to_json()))
   if new.get("data.root"):
     new["data.root"] = os.path.abspath(os.path.expanduser(new["data.root"]))
+
+  def show(flat: dict[str, Any], key: str, where: str) -> str:
+    return repr(flat[key]) if key in flat else f"absent from {where}"
+
   return [
-    f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+    f"{key}: {show(old, key, 'the checkpoint')} -> {show(new, key, 'this config')}"
     for key in sorted(set(old) | set(new))
-    if old.get(key) != new.get(key)
+    if key not in old or key not in new or old[key] != new[key]
   ]
 
 

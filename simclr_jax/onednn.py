@@ -29,9 +29,33 @@ def _cache_dir() -> str:
   return os.environ.get("SIMCLR_JAX_CACHE", default)
 
 
+def _toolchain() -> bytes:
+  """g++'s version and the installed oneDNN's version macros; b"" when either is missing."""
+  try:
+    compiler = subprocess.run(["g++", "-dumpfullversion"], check=True, capture_output=True).stdout
+    macros = subprocess.run(
+      ["g++", "-E", "-dM", "-x", "c++", "-"],
+      input=b"#include <oneapi/dnnl/dnnl_version.h>\n",
+      check=True,
+      capture_output=True,
+    ).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return b""  # the build below reports what is missing
+  versions = sorted(line for line in macros.splitlines() if b"DNNL_VERSION_" in line)
+  return compiler + b"\n".join(versions)
+
+
+def library_path() -> str:
+  """Where the built library is cached: a file name keyed by a hash of the source, jax's version,
+  g++'s version and oneDNN's version, so a change to any of them builds it again."""
+  with open(SOURCE, "rb") as f:
+    key = f.read() + jax.__version__.encode() + _toolchain()
+  return os.path.join(_cache_dir(), f"onednn_conv_{hashlib.sha256(key).hexdigest()[:16]}.so")
+
+
 @functools.cache
 def register() -> str:
-  """Builds the library (once per source and jax version), registers its FFI targets.
+  """Builds the library (once per source, jax, g++ and oneDNN version), registers its FFI targets.
 
   Returns:
     The path of the shared library.
@@ -40,9 +64,7 @@ def register() -> str:
     RuntimeError: g++ is missing or the build failed (e.g. oneDNN's headers are not installed:
       `apt-get install libdnnl-dev g++`); the message holds the compiler's output.
   """
-  with open(SOURCE, "rb") as f:
-    digest = hashlib.sha256(f.read() + jax.__version__.encode()).hexdigest()[:16]
-  library = os.path.join(_cache_dir(), f"onednn_conv_{digest}.so")
+  library = library_path()
   if not os.path.exists(library):
     os.makedirs(_cache_dir(), exist_ok=True)
     # Built under a unique name, renamed when complete: never a half-written .so.

@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -94,3 +95,17 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
   os.makedirs(checkpoint.checkpoint_dir(str(tmp_path)))
   with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
     checkpoint.load_pretrained(str(tmp_path))
+
+
+def test_config_changes_names_changed_added_and_dropped_fields():
+  config = ml_collections.ConfigDict(
+    {"num_epochs": 2, "model": {"depth": 18, "conv_impl": "xla"}, "data": {"root": ""}}
+  )
+  saved = {"num_epochs": 1, "model": {"depth": 18, "old_field": None}, "data": {"root": ""}}
+  assert checkpoint.config_changes(saved, config) == [
+    "model.conv_impl: absent from the checkpoint -> 'xla'",
+    "model.old_field: None -> absent from this config",
+    "num_epochs: 1 -> 2",
+  ]
+  saved["num_epochs"], saved["model"] = 2, {"depth": 18, "conv_impl": "xla"}
+  assert checkpoint.config_changes(saved, config) == []

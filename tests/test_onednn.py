@@ -1,6 +1,8 @@
 """oneDNN convolutions through XLA FFI (`model.conv_impl='onednn'`) against XLA's: values and
 gradients of single layers and of a whole SimCLR model, and the errors."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +104,16 @@ def test_errors():
     onednn.conv2d(x, jnp.zeros((3, 3, 3, 4), jnp.bfloat16), 1, 1)
   with pytest.raises(Exception, match="kernel C_in != input channels"):  # an error, not a crash
     jax.block_until_ready(onednn.conv2d(jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 5, 4)), 1, 1))
+
+
+def test_library_path_keys_on_source_jax_compiler_and_onednn(monkeypatch, tmp_path):
+  monkeypatch.setenv("SIMCLR_JAX_CACHE", str(tmp_path))
+  toolchain = onednn._toolchain()
+  assert b"DNNL_VERSION_MAJOR" in toolchain and b"DNNL_VERSION_MINOR" in toolchain
+  path = onednn.library_path()
+  assert os.path.dirname(path) == str(tmp_path) and path == onednn.library_path()
+  monkeypatch.setattr(onednn, "_toolchain", lambda: toolchain.replace(b"MINOR", b"MINOR 9"))
+  assert onednn.library_path() != path  # another oneDNN: another build
+  monkeypatch.setattr(onednn, "_toolchain", lambda: toolchain)
+  monkeypatch.setattr(jax, "__version__", "0.0.0")
+  assert onednn.library_path() != path  # another jax: another build

@@ -40,17 +40,24 @@ def _toolchain() -> bytes:
       capture_output=True,
     ).stdout
   except (OSError, subprocess.CalledProcessError):
-    return b""  # the build below reports what is missing
+    return b"toolchain unknown"  # the build then fails and says what is missing
   versions = sorted(line for line in macros.splitlines() if b"DNNL_VERSION_" in line)
   return compiler + b"\n".join(versions)
 
 
 def library_path() -> str:
-  """Where the built library is cached: a file name keyed by a hash of the source, jax's version,
-  g++'s version and oneDNN's version, so a change to any of them builds it again."""
+  """Where the built library is cached, keyed so that a change of its inputs builds it again.
+
+  Returns:
+    `$SIMCLR_JAX_CACHE/onednn_conv_<hash>.so` (default directory `~/.cache/simclr_jax`), the
+    hash covering SOURCE's bytes, jax's version, `g++ -dumpfullversion` and the `DNNL_VERSION_*`
+    macros of the installed oneDNN headers (so g++ and `libdnnl-dev` are needed at every start,
+    not only for the first build). Runs g++ twice; `register` calls it once per process.
+  """
   with open(SOURCE, "rb") as f:
-    key = f.read() + jax.__version__.encode() + _toolchain()
-  return os.path.join(_cache_dir(), f"onednn_conv_{hashlib.sha256(key).hexdigest()[:16]}.so")
+    parts = [f.read(), jax.__version__.encode(), _toolchain()]
+  digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+  return os.path.join(_cache_dir(), f"onednn_conv_{digest}.so")
 
 
 @functools.cache

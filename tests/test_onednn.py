@@ -2,6 +2,7 @@
 gradients of single layers and of a whole SimCLR model, and the errors."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -109,11 +110,23 @@ def test_errors():
 def test_library_path_keys_on_source_jax_compiler_and_onednn(monkeypatch, tmp_path):
   monkeypatch.setenv("SIMCLR_JAX_CACHE", str(tmp_path))
   toolchain = onednn._toolchain()
+  assert re.match(rb"\d+\.\d+", toolchain), toolchain  # g++'s version first
   assert b"DNNL_VERSION_MAJOR" in toolchain and b"DNNL_VERSION_MINOR" in toolchain
   path = onednn.library_path()
   assert os.path.dirname(path) == str(tmp_path) and path == onednn.library_path()
-  monkeypatch.setattr(onednn, "_toolchain", lambda: toolchain.replace(b"MINOR", b"MINOR 9"))
-  assert onednn.library_path() != path  # another oneDNN: another build
-  monkeypatch.setattr(onednn, "_toolchain", lambda: toolchain)
-  monkeypatch.setattr(jax, "__version__", "0.0.0")
-  assert onednn.library_path() != path  # another jax: another build
+  source = tmp_path / "other.cc"
+  with open(onednn.SOURCE, "rb") as f:
+    source.write_bytes(f.read() + b"// changed\n")
+  changes = {
+    "oneDNN": ("_toolchain", lambda: toolchain.replace(b"MINOR", b"MINOR 9")),
+    "g++": ("_toolchain", lambda: b"99." + toolchain),
+    "source": ("SOURCE", str(source)),
+  }
+  for name, (attribute, value) in changes.items():
+    with monkeypatch.context() as m:
+      m.setattr(onednn, attribute, value)
+      assert onednn.library_path() != path, name  # another input: another build
+  with monkeypatch.context() as m:
+    m.setattr(jax, "__version__", "0.0.0")
+    assert onednn.library_path() != path, "jax"
+  assert onednn.library_path() == path

@@ -39,7 +39,10 @@ flags.DEFINE_list(
 flags.DEFINE_integer("steps", 5, "Timed steps per case (after 2 warm-up steps).")
 flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
 flags.DEFINE_enum(
-  "conv_impl", "xla", ["xla", "onednn"], "model.conv_impl: XLA's convolutions or oneDNN's (FFI)."
+  "conv_impl",
+  "xla",
+  list(models.CONV_IMPLS),
+  "model.conv_impl: XLA's convolutions, oneDNN's (FFI) or auto (oneDNN where it runs).",
 )
 flags.DEFINE_integer(
   "grad_chunk", None, "model.conv_grad_chunk (images per backward chunk); default: auto."
@@ -167,7 +170,8 @@ def main(argv):
   del argv
   augmentation = "on-device augmentation included" if FLAGS.augment else "no augmentation"
   print(
-    f"devices: {jax.devices()}  dtype: {FLAGS.dtype}  convolutions: {FLAGS.conv_impl}  "
+    f"devices: {jax.devices()}  dtype: {FLAGS.dtype}  "
+    f"convolutions: {models.resolve_conv_impl(_config(18, 64, 8, False).model)}  "
     f"{augmentation}"
   )
   header = "| case | batch | compile s | step s | pairs/s | GFLOP/pair | GFLOP/s |"

@@ -80,8 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Images per chunk of the convolutions' backward pass (speed only); None: 32 on CPU, else 0
   # (the whole batch at once).
   config.model.conv_grad_chunk = ml_collections.FieldReference(None, field_type=int)
-  # "xla", or "onednn": convolutions on oneDNN through XLA FFI (CPU, float32; needs Debian's
-  # libdnnl-dev and g++; 1.3-1.4x faster steps on CPU, docs/benchmarks.md "Session 9").
+  # "xla"; "onednn": convolutions on oneDNN through XLA FFI (CPU, float32; needs Debian's
+  # libdnnl-dev and g++; 1.3-1.4x faster steps on CPU, docs/benchmarks.md "Session 9"); "auto":
+  # oneDNN where it can run, else XLA (models.resolve_conv_impl). Speed only.
   config.model.conv_impl = "xla"
   config.model.head = ml_collections.ConfigDict()
   config.model.head.preset = "simclr"  # "simclr": Dense+BN layers, last 128-d, no bias/ReLU

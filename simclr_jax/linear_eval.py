@@ -270,10 +270,14 @@ def evaluate_layer(
 
 
 def _data_config(pretrained: checkpoint.Pretrained, data_root: str | None):
-  """The pretraining config with `data_root` swapped in, and its class names, checked."""
+  """The pretraining config with `data_root` swapped in, and its class names, checked.
+
+  A run trained with model.conv_impl='onednn' is probed with 'auto' (XLA's convolutions where
+  oneDNN's cannot run, e.g. on a GPU or a host without libdnnl-dev; the features are the same up
+  to float32 rounding)."""
   config = ml_collections.ConfigDict(pretrained.config.to_dict())
-  if config.model.get("conv_impl") == "onednn" and jax.default_backend() != "cpu":
-    config.model.conv_impl = "xla"  # speed only; oneDNN's path exists on the CPU backend alone
+  if config.model.get("conv_impl") == "onednn":
+    config.model.conv_impl = "auto"  # speed only: XLA's where oneDNN cannot run (another host)
   if data_root:
     if config.data.source == "tfds":
       config.data.tfds_data_dir = data_root

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from simclr_jax import onednn
 
@@ -26,8 +27,9 @@ ModuleDef = Any
 Dtype = Any
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-CONV_IMPLS = ("xla", "onednn")
-"""model.conv_impl: XLA's convolutions, or oneDNN's through FFI (`onednn.conv2d`)."""
+CONV_IMPLS = ("xla", "onednn", "auto")
+"""model.conv_impl: XLA's convolutions, oneDNN's through FFI (`onednn.conv2d`), or "auto": oneDNN
+where it can run (CPU backend, float32, the library builds), else XLA (`resolve_conv_impl`)."""
 
 
 # Images per chunk of the convolutions' backward pass on CPU. Measured on a 2-core CPU
@@ -169,7 +171,8 @@ class Conv(nn.Module):
   dtype: Dtype = jnp.float32
   use_bias: bool = False  # accepted for nn.Conv compatibility; must be False
   grad_chunk: int | None = None  # see `conv2d`; None: `default_grad_chunk()`
-  impl: str = "xla"  # "onednn": `onednn.conv2d` where XLA's path is used (grad_chunk ignored)
+  impl: str = "xla"  # "onednn": `onednn.conv2d` where XLA's path is used (grad_chunk ignored);
+  # anything else is XLA's ("auto" is decided by `build_model` before it gets here)
 
   @nn.compact
   def __call__(self, x):
@@ -350,6 +353,7 @@ class ResNet(nn.Module):
       `default_grad_chunk()`; 0: the whole batch. Changes speed only.
     conv_impl: "xla" (XLA's convolutions) or "onednn" (`onednn.conv2d`, float32 on CPU: faster
       on CPU, docs/benchmarks.md "Session 9"). Changes speed only, up to float32 rounding.
+      `build_model` decides "auto" (`resolve_conv_impl`) before it gets here.
   """
 
   stage_sizes: Sequence[int]
@@ -576,6 +580,66 @@ def feature_dim(model_config: ml_collections.ConfigDict) -> int:
   return ResNet(stage_sizes, block_cls, width_multiplier=model_config.width_multiplier).feature_dim
 
 
+def resolve_conv_impl(model_config: ml_collections.ConfigDict) -> str:
+  """The convolutions a `config.model` section asks for, with "auto" decided on this host.
+
+  Args:
+    model_config: fields conv_impl ('xla', 'onednn' or 'auto'; optional, 'xla') and dtype.
+
+  Returns:
+    'xla' or 'onednn'. For 'auto': 'onednn' on the CPU backend with dtype 'float32' when
+    `onednn.register` succeeds (g++ and `libdnnl-dev` present); otherwise 'xla', with a logged
+    warning saying why when the library cannot be built (the step is then ~1.3x slower on a CPU,
+    docs/benchmarks.md "Session 9"; the results are the same up to float32 rounding). The
+    choice is logged. Each host decides for itself; with several hosts only speed can differ.
+
+  Raises:
+    ValueError: naming the field, for an unknown conv_impl, or 'onednn' off the CPU backend or
+      with a dtype other than float32.
+  """
+  conv_impl = model_config.get("conv_impl", "xla")
+  _check_choice("model.conv_impl", conv_impl, CONV_IMPLS)
+  if conv_impl == "xla":
+    return conv_impl
+  backend = jax.default_backend()
+  if conv_impl == "auto":
+    if backend != "cpu" or model_config.dtype != "float32":
+      resolved = "xla"
+    else:
+      problem = _onednn_problem()
+      if problem:
+        logging.warning(
+          "model.conv_impl='auto': XLA's convolutions run instead of oneDNN's (same results, "
+          "a slower step on a CPU): %s",
+          problem,
+        )
+      resolved = "xla" if problem else "onednn"
+    logging.info("model.conv_impl='auto': %s convolutions (%s backend)", resolved, backend)
+    return resolved
+  if backend != "cpu":
+    raise ValueError(
+      f"model.conv_impl='onednn' runs on the CPU backend only; this is {backend!r} "
+      "(use conv_impl='xla' or 'auto')."
+    )
+  if model_config.dtype != "float32":
+    raise ValueError(
+      f"model.conv_impl='onednn' computes in float32; model.dtype={model_config.dtype!r} "
+      "(use conv_impl='xla' or 'auto')."
+    )
+  return conv_impl
+
+
+@functools.cache
+def _onednn_problem() -> str | None:
+  """Why oneDNN's convolutions cannot run here (`onednn.register`'s error), or None; asked once
+  per process, so a host without them tries one build and warns once."""
+  try:
+    onednn.register()
+  except RuntimeError as e:
+    return str(e)
+  return None
+
+
 def build_model(
   model_config: ml_collections.ConfigDict, *, image_size: int, axis_name: str | None = None
 ) -> SimCLRModel:
@@ -584,8 +648,8 @@ def build_model(
   Args:
     model_config: fields depth (18, 34, 50, 101, 152), width_multiplier (> 0), cifar_stem (bool,
       or None: CIFAR stem iff image_size <= 32), dtype ('float32' or 'bfloat16'), bn_momentum,
-      bn_epsilon, conv_grad_chunk (None, or >= 0; optional), conv_impl ('xla' or 'onednn';
-      optional, 'xla'), head.preset ('simclr' or
+      bn_epsilon, conv_grad_chunk (None, or >= 0; optional), conv_impl ('xla', 'onednn' or
+      'auto'; optional, 'xla'; see `resolve_conv_impl`), head.preset ('simclr' or
       'seed'), head.num_layers (>= 1), head.hidden_dim (0: the feature width C), head.output_dim.
     image_size: side in px of the training images.
     axis_name: pmap/shard_map axis over which BN statistics are synchronised, or None.
@@ -595,8 +659,8 @@ def build_model(
 
   Raises:
     ValueError: naming the field, for an unknown depth, dtype or head preset, a non-positive
-      width multiplier, fewer than one head layer, a negative conv_grad_chunk, an unknown
-      conv_impl or conv_impl 'onednn' with a dtype other than float32.
+      width multiplier, fewer than one head layer or a negative conv_grad_chunk; from
+      `resolve_conv_impl`, for conv_impl.
   """
   _check_choice("model.depth", model_config.depth, RESNETS)
   _check_choice("model.dtype", model_config.dtype, DTYPES)
@@ -609,17 +673,7 @@ def build_model(
   grad_chunk = model_config.get("conv_grad_chunk")
   if grad_chunk is not None and grad_chunk < 0:
     raise ValueError(f"model.conv_grad_chunk={grad_chunk!r} must be None or >= 0")
-  conv_impl = model_config.get("conv_impl", "xla")
-  _check_choice("model.conv_impl", conv_impl, CONV_IMPLS)
-  if conv_impl == "onednn" and jax.default_backend() != "cpu":
-    raise ValueError(
-      f"model.conv_impl='onednn' runs on the CPU backend only; this is {jax.default_backend()!r} "
-      "(use conv_impl='xla')."
-    )
-  if conv_impl == "onednn" and model_config.dtype != "float32":
-    raise ValueError(
-      f"model.conv_impl='onednn' computes in float32; model.dtype={model_config.dtype!r}."
-    )
+  conv_impl = resolve_conv_impl(model_config)
   cifar_stem = model_config.cifar_stem
   if cifar_stem is None:
     cifar_stem = image_size <= 32

@@ -6,7 +6,8 @@ oneDNN's, the library PyTorch's CPU convolutions run on, and jaxlib's wheel has 
 backward-weights primitives (`onednn_conv.cc`) as XLA FFI custom calls under a `jax.custom_vjp`.
 The library is compiled with g++ on first use into `$SIMCLR_JAX_CACHE` (default
 `~/.cache/simclr_jax`) and needs Debian's `libdnnl-dev` (oneDNN 2.6) and `g++`. CPU only,
-float32 only. Selected by `config.model.conv_impl = "onednn"`.
+float32 only. Selected by `config.model.conv_impl = "onednn"`, or by "auto" where it can run
+(`models.resolve_conv_impl`).
 """
 
 import ctypes
@@ -60,6 +61,29 @@ def library_path() -> str:
   return os.path.join(_cache_dir(), f"onednn_conv_{digest}.so")
 
 
+def _build(library: str) -> None:
+  """Compiles SOURCE into `library`, atomically: never a half-written file under that name."""
+  os.makedirs(_cache_dir(), exist_ok=True)
+  fd, partial = tempfile.mkstemp(dir=_cache_dir(), suffix=".so.tmp")
+  os.close(fd)
+  command = ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
+  command += ["-o", partial, SOURCE, "-ldnnl"]
+  try:
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    os.replace(partial, library)
+  except FileNotFoundError as e:
+    raise RuntimeError(
+      "model.conv_impl='onednn' needs g++ (apt-get install g++ libdnnl-dev)."
+    ) from e
+  except subprocess.CalledProcessError as e:
+    raise RuntimeError(
+      f"Building {SOURCE} failed (it needs oneDNN 2.x: apt-get install libdnnl-dev):\n{e.stderr}"
+    ) from e
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+
+
 @functools.cache
 def register() -> str:
   """Builds the library (once per source, jax, g++ and oneDNN version), registers its FFI targets.
@@ -68,36 +92,24 @@ def register() -> str:
     The path of the shared library.
 
   Raises:
-    RuntimeError: g++ is missing or the build failed (e.g. oneDNN's headers are not installed:
-      `apt-get install libdnnl-dev g++`); the message holds the compiler's output.
+    RuntimeError: g++ is missing, the build failed (e.g. oneDNN's headers are not installed:
+      `apt-get install libdnnl-dev g++`; the message holds the compiler's output), the cache
+      directory cannot be written, or the library cannot be loaded or registered. Failures are
+      not cached: the next call tries again (`models.resolve_conv_impl` asks once per process).
   """
   library = library_path()
-  if not os.path.exists(library):
-    os.makedirs(_cache_dir(), exist_ok=True)
-    # Built under a unique name, renamed when complete: never a half-written .so.
-    fd, partial = tempfile.mkstemp(dir=_cache_dir(), suffix=".so.tmp")
-    os.close(fd)
-    command = ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
-    command += ["-o", partial, SOURCE, "-ldnnl"]
-    try:
-      subprocess.run(command, check=True, capture_output=True, text=True)
-    except FileNotFoundError as e:
-      raise RuntimeError(
-        "model.conv_impl='onednn' needs g++ (apt-get install g++ libdnnl-dev)."
-      ) from e
-    except subprocess.CalledProcessError as e:
-      os.remove(partial)
-      raise RuntimeError(
-        f"Building {SOURCE} failed (it needs oneDNN 2.x: apt-get install libdnnl-dev):\n{e.stderr}"
-      ) from e
-    os.replace(partial, library)
   try:
+    if not os.path.exists(library):
+      _build(library)
     handlers = ctypes.cdll.LoadLibrary(library)
-  except OSError as e:
-    raise RuntimeError(f"Loading {library} failed (apt-get install libdnnl-dev?): {e}") from e
-  for name in _TARGETS:
-    target = jax.ffi.pycapsule(getattr(handlers, name))
-    jax.ffi.register_ffi_target(f"onednn_{name}", target, platform="cpu")
+    for name in _TARGETS:
+      target = jax.ffi.pycapsule(getattr(handlers, name))
+      jax.ffi.register_ffi_target(f"onednn_{name}", target, platform="cpu")
+  except (OSError, AttributeError) as e:  # cache not writable, library not loadable
+    raise RuntimeError(
+      f"oneDNN's convolutions ({library}) are unavailable: {type(e).__name__}: {e} "
+      "(apt-get install libdnnl-dev g++; the cache directory is $SIMCLR_JAX_CACHE)"
+    ) from e
   return library
 
 

@@ -371,3 +371,14 @@ def test_bad_inputs(pretrained_run, tmp_path):
     linear_eval.run_linear_probe(workdir, image_size=0)
   with pytest.raises(ValueError, match=r"crop_fraction=1.5 must be in \(0, 1\]"):
     linear_eval.run_linear_probe(workdir, crop_fraction=1.5)
+
+
+def test_a_onednn_checkpoint_is_probed_with_auto(pretrained_run):
+  """A run trained with conv_impl='onednn' is probed with 'auto': XLA where oneDNN cannot run."""
+  root, workdir = pretrained_run
+  pretrained = checkpoint.load_pretrained(workdir)
+  pretrained.config.model.conv_impl = "onednn"
+  config, names = linear_eval._data_config(pretrained, None)
+  assert config.model.conv_impl == "auto" and names == sorted(COLOURS)
+  pretrained.config.model.conv_impl = "xla"
+  assert linear_eval._data_config(pretrained, None)[0].model.conv_impl == "xla"

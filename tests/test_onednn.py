@@ -130,3 +130,47 @@ def test_library_path_keys_on_source_jax_compiler_and_onednn(monkeypatch, tmp_pa
     m.setattr(jax, "__version__", "0.0.0")
     assert onednn.library_path() != path, "jax"
   assert onednn.library_path() == path
+
+
+def test_auto_picks_onednn_where_it_runs_else_xla(monkeypatch, caplog):
+  config = default.get_config().model
+  config.conv_impl = "auto"
+  assert models.resolve_conv_impl(config) == "onednn"  # CPU, float32, library builds
+  assert models.build_model(config, image_size=32).encoder.conv_impl == "onednn"
+  config.dtype = "bfloat16"
+  assert models.resolve_conv_impl(config) == "xla"  # no error, unlike conv_impl='onednn'
+  config.dtype = "float32"
+
+  def unavailable():
+    raise RuntimeError("g++ is missing here")
+
+  monkeypatch.setattr(onednn, "register", unavailable)
+  models._onednn_problem.cache_clear()  # the outcome is cached per process
+  try:
+    with caplog.at_level("WARNING"):
+      assert models.resolve_conv_impl(config) == "xla"
+  finally:
+    models._onednn_problem.cache_clear()
+  assert "g++ is missing here" in caplog.text and "conv_impl='auto'" in caplog.text
+  monkeypatch.undo()
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert models.resolve_conv_impl(config) == "xla"
+  config.conv_impl = "onednn"
+  with pytest.raises(ValueError, match="CPU backend only; this is 'gpu'"):
+    models.resolve_conv_impl(config)
+
+
+def test_register_failures_are_runtime_errors_and_leave_no_temp_file(monkeypatch, tmp_path):
+  build = onednn.register.__wrapped__  # past the per-process cache; fails before registering
+  not_a_dir = tmp_path / "file"
+  not_a_dir.write_text("")
+  monkeypatch.setenv("SIMCLR_JAX_CACHE", str(not_a_dir))
+  with pytest.raises(RuntimeError, match="unavailable: FileExistsError"):
+    build()
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("SIMCLR_JAX_CACHE", str(cache))
+  monkeypatch.setenv("PATH", str(tmp_path))  # no g++
+  with pytest.raises(RuntimeError, match="needs g\\+\\+"):
+    build()
+  assert os.listdir(cache) == []  # the temp file of the failed build is gone

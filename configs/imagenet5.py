@@ -6,7 +6,7 @@
 ResNet-18 on 64 px crops, tau 0.5, 500 epochs (4500 steps): 107 min on the 2-core CPU with the
 convolutions on oneDNN (`model.conv_impl = "auto"`: needs Debian's libdnnl-dev and g++; without them
 XLA's convolutions run, with a warning, and the 500 epochs take ~2.4 hours; v11, README). With XLA's
-convolutions, 380 epochs took 106-114 min (v9, v10), at the same accuracy within one run's noise.
+convolutions, 380 epochs took 110-114 min (v9, v10), at the same accuracy within one run's noise.
 The crops are cut from images cached at a shorter side of 128 px, so they are as sharp as the
 probe's view (with an 80 px cache most crops were upsampled; with that and 40 more epochs, the mean
 over 5 label draws rose from 68.9% to 71.6%, README; 380 epochs instead of 340, which the faster

@@ -5,16 +5,16 @@
 
 ResNet-18 on 64 px crops, tau 0.5, 500 epochs (4500 steps): 107 min on the 2-core CPU with the
 convolutions on oneDNN (`model.conv_impl = "auto"`: needs Debian's libdnnl-dev and g++; without them
-XLA's convolutions run, with a warning, and the 500 epochs take ~2.4 hours; v11, README). With XLA's
-convolutions, 380 epochs took 110-114 min (v9, v10), at the same accuracy within one run's noise.
-The crops are cut from images cached at a shorter side of 128 px, so they are as sharp as the
-probe's view (with an 80 px cache most crops were upsampled; with that and 40 more epochs, the mean
-over 5 label draws rose from 68.9% to 71.6%, README; 380 epochs instead of 340, which the faster
-step fits in about the same time, 106 vs 102 min: 72.5%). Random-resized crops cover at least 20% of
-the image, not 8% (v9): the smallest crops span ~57 px of the 128 px cache instead of ~36 px, so
-about 6% of crops (computed: area < 0.25) are upsampled to 64 px instead of 18%; 72.7% (within the
-noise of v6's 72.5%; adopted by the rule fixed before the run, README). These figures are means over
-five label draws with the probe's C = 1.
+XLA's convolutions run, with a warning, and the 500 epochs would take ~2.4 hours, estimated from
+v9's step; v11, README). With XLA's convolutions, 380 epochs took 110-114 min (v9, v10), at the same
+accuracy within one run's noise. The crops are cut from images cached at a shorter side of 128 px,
+so they are as sharp as the probe's view (with an 80 px cache most crops were upsampled; with that
+and 40 more epochs, the mean over 5 label draws rose from 68.9% to 71.6%, README; 380 epochs instead
+of 340, which the faster step fits in about the same time, 106 vs 102 min: 72.5%). Random-resized
+crops cover at least 20% of the image, not 8% (v9): the smallest crops span ~57 px of the 128 px
+cache instead of ~36 px, so about 6% of crops (computed: area < 0.25) are upsampled to 64 px instead
+of 18%; 72.7% (within the noise of v6's 72.5%; adopted by the rule fixed before the run, README).
+These figures are means over five label draws with the probe's C = 1.
 The probe reads 128 px full-image views (`data.eval_image_size`, `data.eval_crop_fraction`):
 random-resized crops magnify objects, so a larger test view matches what the encoder saw (FixRes);
 the size was chosen by 5-fold cross-validation on the labelled 10%, not on the test split (README,

@@ -602,31 +602,28 @@ def resolve_conv_impl(model_config: ml_collections.ConfigDict) -> str:
   if conv_impl == "xla":
     return conv_impl
   backend = jax.default_backend()
-  if conv_impl == "auto":
-    if backend != "cpu" or model_config.dtype != "float32":
-      resolved = "xla"
-    else:
-      problem = _onednn_problem()
-      if problem:
-        logging.warning(
-          "model.conv_impl='auto': XLA's convolutions run instead of oneDNN's (same results, "
-          "a slower step on a CPU): %s",
-          problem,
-        )
-      resolved = "xla" if problem else "onednn"
-    logging.info("model.conv_impl='auto': %s convolutions (%s backend)", resolved, backend)
-    return resolved
   if backend != "cpu":
-    raise ValueError(
-      f"model.conv_impl='onednn' runs on the CPU backend only; this is {backend!r} "
-      "(use conv_impl='xla' or 'auto')."
+    unsupported = f"model.conv_impl='onednn' runs on the CPU backend only; this is {backend!r}"
+  elif model_config.dtype != "float32":
+    unsupported = (
+      f"model.conv_impl='onednn' computes in float32; model.dtype={model_config.dtype!r}"
     )
-  if model_config.dtype != "float32":
-    raise ValueError(
-      f"model.conv_impl='onednn' computes in float32; model.dtype={model_config.dtype!r} "
-      "(use conv_impl='xla' or 'auto')."
+  else:
+    unsupported = None
+  if conv_impl == "onednn":
+    if unsupported:
+      raise ValueError(f"{unsupported} (use conv_impl='xla' or 'auto').")
+    return conv_impl
+  problem = None if unsupported else _onednn_problem()
+  if problem:
+    logging.warning(
+      "model.conv_impl='auto': XLA's convolutions run instead of oneDNN's (same results, "
+      "a slower step on a CPU): %s",
+      problem,
     )
-  return conv_impl
+  resolved = "xla" if unsupported or problem else "onednn"
+  logging.info("model.conv_impl='auto': %s convolutions (%s backend)", resolved, backend)
+  return resolved
 
 
 @functools.cache

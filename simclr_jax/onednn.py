@@ -31,7 +31,8 @@ def _cache_dir() -> str:
 
 
 def _toolchain() -> bytes:
-  """g++'s version and the installed oneDNN's version macros; b"" when either is missing."""
+  """g++'s version and the installed oneDNN's version macros; a fixed marker when g++ or the
+  headers are missing (the build then fails with the reason)."""
   try:
     compiler = subprocess.run(["g++", "-dumpfullversion"], check=True, capture_output=True).stdout
     macros = subprocess.run(

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import default  # noqa: E402
-from simclr_jax import augment, losses, models, optim, train  # noqa: E402
+from simclr_jax import augment, losses, models, optim, parallel, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
@@ -101,7 +101,7 @@ def breakdown(config, state, batch_arrays, key) -> dict:
       {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
     )
     z1, z2 = jnp.split(projection, 2, axis=0)
-    return losses.nt_xent(z1, z2, temperature=config.temperature, axis_name=train.AXIS_NAME)[0]
+    return losses.nt_xent(z1, z2, temperature=config.temperature, axis_name=parallel.AXIS_NAME)[0]
 
   def forward(state, batch):
     images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
@@ -111,7 +111,7 @@ def breakdown(config, state, batch_arrays, key) -> dict:
     images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
     return jax.grad(loss)(state.params, state.batch_stats, images)
 
-  pmap = functools.partial(jax.pmap, axis_name=train.AXIS_NAME)
+  pmap = functools.partial(jax.pmap, axis_name=parallel.AXIS_NAME)
   return {
     "augment_s": _median_seconds(pmap(augment_only, in_axes=(0, None)), batch_arrays, key),
     "forward_s": _median_seconds(pmap(forward), state, batch_arrays),
@@ -128,8 +128,10 @@ def run_case(spec: str) -> dict:
   schedule = optim.warmup_cosine(
     config.optim, batch_size=batch, steps_per_epoch=100, num_epochs=100
   )
-  model = models.build_model(config.model, image_size=size, axis_name=train.AXIS_NAME)
-  state = train.replicate(train.create_train_state(config, model, jax.random.PRNGKey(0), schedule))
+  model = models.build_model(config.model, image_size=size, axis_name=parallel.AXIS_NAME)
+  state = parallel.replicate(
+    train.create_train_state(config, model, jax.random.PRNGKey(0), schedule)
+  )
   rng = np.random.default_rng(0)
   shape = (devices, batch // devices, size, size, 3)
   batch_arrays = {

@@ -27,7 +27,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from flax import jax_utils
 
-from simclr_jax import image_folder
+from simclr_jax import image_folder, parallel
 from simclr_jax.image_folder import list_image_folder
 
 __all__ = [
@@ -336,16 +336,6 @@ def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
   return _source(data_config, split).num_examples
 
 
-def _local_batch_size(batch_size: int) -> int:
-  devices = jax.device_count()
-  if batch_size <= 0 or batch_size % devices:
-    raise ValueError(
-      f"batch_size={batch_size} must be a positive multiple of the {devices} devices "
-      f"({jax.process_count()} host(s) x {jax.local_device_count()} local device(s))."
-    )
-  return batch_size // jax.process_count()
-
-
 def _shard_for_devices(tree: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   devices = jax.local_device_count()
   return {k: tf.reshape(v, [devices, -1, *v.shape[1:]]) for k, v in tree.items()}
@@ -371,7 +361,7 @@ def pretrain_dataset(config: ml_collections.ConfigDict, *, seed: int, start_epoc
       `list_image_folder`.
   """
   data = config.data
-  local_batch = _local_batch_size(config.batch_size)
+  local_batch = parallel.local_batch_size(config.batch_size)
   source = _source(data, data.train_split)
   steps = source.num_examples // config.batch_size
   if steps == 0:
@@ -454,7 +444,7 @@ def eval_dataset(
       the sources (missing root or split, ...).
   """
   data = config.data
-  local_batch = _local_batch_size(batch_size)
+  local_batch = parallel.local_batch_size(batch_size)
   size, crop_fraction = eval_image_size(data), eval_crop_fraction(data)
   if not 0 < crop_fraction <= 1:
     raise ValueError(f"config.data.eval_crop_fraction={crop_fraction} must be in (0, 1].")

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from sklearn import metrics
 from sklearn.model_selection import train_test_split
 
-from simclr_jax import augment, checkpoint, input_pipeline, models, probe_reports, probes, train
+from simclr_jax import augment, checkpoint, input_pipeline, models, parallel, probe_reports, probes
 
 CLASSIFIERS = ("logistic", "linear_sgd")
 KNN_KS = (20, 200)
@@ -116,7 +116,7 @@ def extract_features(
     config, split, batch_size=batch_size, random_views=random_views, seed=seed
   )
   apply = _layers_fn(model, tuple(depths), bool(config.augment.get("normalize", False)))
-  replicated = train.replicate(variables)
+  replicated = parallel.replicate(variables)
   # Fetched per batch so device memory holds one batch of features, not the split's.
   outputs = [
     jax.device_get((apply(replicated, batch["image"]), batch["label"], batch["mask"]))

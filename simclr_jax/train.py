@@ -20,9 +20,16 @@ import tqdm
 from absl import logging
 from flax.training import train_state
 
-from simclr_jax import augment, checkpoint, input_pipeline, losses, models, optim, reporting
-
-AXIS_NAME = "batch"
+from simclr_jax import (
+  augment,
+  checkpoint,
+  input_pipeline,
+  losses,
+  models,
+  optim,
+  parallel,
+  train_log,
+)
 
 
 class TrainState(train_state.TrainState):
@@ -147,7 +154,7 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: optax.Schedule,
     # Keys per (step, global example index): the same draws however the batch is split over
     # devices or hosts, so a run resumed on another device count continues the same stream.
     per_device = batch["view1"].shape[0]
-    first = jax.lax.axis_index(AXIS_NAME) * per_device  # pmap's axis spans every host
+    first = jax.lax.axis_index(parallel.AXIS_NAME) * per_device  # pmap's axis spans every host
     view1, view2 = augment.augment_views(
       jax.random.fold_in(rng, state.step),
       batch["view1"],
@@ -165,18 +172,20 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: optax.Schedule,
         mutable=["batch_stats"],
       )
       z1, z2 = jnp.split(projection, 2, axis=0)
-      loss, metrics = losses.nt_xent(z1, z2, temperature=config.temperature, axis_name=AXIS_NAME)
+      loss, metrics = losses.nt_xent(
+        z1, z2, temperature=config.temperature, axis_name=parallel.AXIS_NAME
+      )
       return loss, (metrics, updates["batch_stats"])
 
     (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = jax.lax.pmean(grads, AXIS_NAME)
+    grads = jax.lax.pmean(grads, parallel.AXIS_NAME)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = dict(metrics, loss=loss, learning_rate=schedule(state.step))
     return new_state, metrics
 
   return jax.pmap(
     train_step,
-    axis_name=AXIS_NAME,
+    axis_name=parallel.AXIS_NAME,
     in_axes=(0, 0, None),
     donate_argnums=(0,),
     devices=devices,
@@ -190,24 +199,6 @@ def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
     "batch_stats": state.batch_stats,
     "opt_state": state.opt_state,
   }
-
-
-def replicate(tree, devices=None):
-  """Copies a host pytree to each of `devices` (default: all local): leaves [devices, ...]."""
-  devices = jax.local_devices() if devices is None else devices
-  sharding = jax.sharding.NamedSharding(
-    jax.sharding.Mesh(np.array(devices), (AXIS_NAME,)), jax.sharding.PartitionSpec(AXIS_NAME)
-  )
-  return jax.tree_util.tree_map(
-    lambda x: jax.device_put(
-      np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), sharding
-    ),
-    tree,
-  )
-
-
-def _unreplicate(tree):
-  return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -260,7 +251,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       total_steps,
       config.num_epochs,
     )
-    last_row = reporting.LossHistory.last_row(workdir)
+    last_row = train_log.LossHistory.last_row(workdir)
     return {
       "step": start_step,
       "epoch": start_step // spe,
@@ -273,7 +264,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   batches = input_pipeline.create_pretrain_iterator(
     config_for_epoch(config, start_step // spe), seed=config.seed, start_epoch=start_step // spe
   )
-  model = models.build_model(config.model, image_size=config.data.image_size, axis_name=AXIS_NAME)
+  model = models.build_model(
+    config.model, image_size=config.data.image_size, axis_name=parallel.AXIS_NAME
+  )
   rng = jax.random.PRNGKey(config.seed)
   init_rng, augment_rng = jax.random.split(rng)
   state = create_train_state(config, model, init_rng, schedule)
@@ -287,11 +280,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for _ in range(start_step % spe):
     next(batches)
 
-  history = reporting.LossHistory(workdir, resume_step=start_step) if is_main else None
-  writer = reporting.ScalarWriter(workdir) if is_main else None
+  history = train_log.LossHistory(workdir, resume_step=start_step) if is_main else None
+  writer = train_log.ScalarWriter(workdir) if is_main else None
 
   p_train_step = make_train_step(config, schedule)
-  p_state = replicate(state)
+  p_state = parallel.replicate(state)
   del state
   pending: list[tuple[int, dict[str, jax.Array]]] = []
   last = {"loss": float("nan"), "contrastive_accuracy": float("nan")}
@@ -357,7 +350,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           checkpoint.save(
             manager,
             step,
-            _checkpoint_tree(_unreplicate(p_state)),
+            _checkpoint_tree(parallel.unreplicate(p_state)),
             config=config,
             class_names=class_names,
           )

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import tiny
-from simclr_jax import checkpoint, train
+from simclr_jax import checkpoint, parallel
 
 
 def toy_state(value: float):
@@ -56,7 +56,7 @@ def test_round_trip_and_metadata(tmp_path, monkeypatch):
 def test_replicated_save_restores_on_one_device(tmp_path):
   """A state replicated over 4 devices, saved unreplicated, restores on a single device."""
   assert jax.local_device_count() == 4
-  replicated = train.replicate(toy_state(5.0))
+  replicated = parallel.replicate(toy_state(5.0))
   assert len(replicated["params"]["dense"]["kernel"].sharding.device_set) == 4
   host = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], replicated))
   manager = checkpoint.create_manager(str(tmp_path))

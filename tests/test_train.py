@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from simclr_jax import checkpoint, models, optim, train
+from simclr_jax import checkpoint, models, optim, parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("circle", "square", "stripes", "noise")
@@ -76,7 +76,7 @@ def test_one_step_on_one_device_equals_four_devices():
   view1 = rng.uniform(size=(global_batch, size, size, 3)).astype(np.float32)
   view2 = np.clip(view1 + 0.2 * rng.normal(size=view1.shape), 0, 1).astype(np.float32)
   schedule = optim.warmup_cosine(config.optim, batch_size=8, steps_per_epoch=1, num_epochs=1)
-  model = models.build_model(config.model, image_size=size, axis_name=train.AXIS_NAME)
+  model = models.build_model(config.model, image_size=size, axis_name=parallel.AXIS_NAME)
   state = train.create_train_state(config, model, jax.random.PRNGKey(0), schedule)
 
   results = {}
@@ -87,7 +87,7 @@ def test_one_step_on_one_device_equals_four_devices():
       "view1": view1.reshape(n, global_batch // n, size, size, 3),
       "view2": view2.reshape(n, global_batch // n, size, size, 3),
     }
-    new_state, metrics = step(train.replicate(state, devices), batch, jax.random.PRNGKey(1))
+    new_state, metrics = step(parallel.replicate(state, devices), batch, jax.random.PRNGKey(1))
     results[n] = (jax.device_get(new_state), jax.device_get(metrics))
 
   (state1, metrics1), (state4, metrics4) = results[1], results[4]

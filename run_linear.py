@@ -45,11 +45,19 @@ flags.DEFINE_float(
   "probe_c",
   None,
   "Inverse L2 strength C of the logistic probe; default: chosen per layer by 5-fold "
-  "cross-validation on the labelled subset (SimCLR Appendix B.8). 1.0: the seed's.",
+  "cross-validation on the labelled subset (SimCLR Appendix B.8; fewer folds for classes under "
+  "5 labelled images, C = 1.0 with a warning for a class of 1). 1.0: scikit-learn's default, "
+  "the PyTorch original's.",
 )
-flags.DEFINE_integer("seed", 0, "Seed of the label subset and of the SGD probe.")
+flags.DEFINE_integer("seed", 0, "Random seed of the label subset and of the SGD probe.")
 flags.DEFINE_string(
   "output_dir", None, "Where results.json and the plots go; default <workdir>/linear."
+)
+flags.DEFINE_enum(
+  "conv_impl",
+  "auto",
+  ["flax", "xla", "onednn", "auto"],
+  "Convolutions of the feature extraction (runtime.conv_impl); speed only, any run's checkpoint.",
 )
 flags.mark_flag_as_required("workdir")
 
@@ -61,10 +69,10 @@ def main(argv):
 
   # tf.data only: keep TensorFlow off the accelerators so JAX has all their memory.
   tf.config.set_visible_devices([], "GPU")
-  from simclr_jax import linear_eval, probe_reports
+  from simclr_jax.probe import evaluate, reports
 
   logging.set_verbosity(logging.WARNING)
-  results = linear_eval.run_linear_probe(
+  results = evaluate.run_linear_probe(
     FLAGS.workdir,
     step=FLAGS.step,
     data_root=FLAGS.data_root,
@@ -79,8 +87,9 @@ def main(argv):
     train_views=FLAGS.train_views,
     probe_c=FLAGS.probe_c,
     output_dir=FLAGS.output_dir,
+    conv_impl=FLAGS.conv_impl,
   )
-  print(probe_reports.format_summary(results))
+  print(reports.format_summary(results))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,10 @@ class _QuietLibraries(logging.logging.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.config.num_cpu_devices < 0:
-    raise app.UsageError(f"config.num_cpu_devices must be >= 0, got {FLAGS.config.num_cpu_devices}")
+  if FLAGS.config.runtime.num_cpu_devices < 0:
+    raise app.UsageError(
+      f"config.runtime.num_cpu_devices must be >= 0, got {FLAGS.config.runtime.num_cpu_devices}"
+    )
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf
 
@@ -44,9 +46,9 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   import jax
 
-  if FLAGS.config.num_cpu_devices:
+  if FLAGS.config.runtime.num_cpu_devices:
     # Before JAX's backends start; the step is pmapped over these devices on a CPU-only host.
-    jax.config.update("jax_num_cpu_devices", FLAGS.config.num_cpu_devices)
+    jax.config.update("jax_num_cpu_devices", FLAGS.config.runtime.num_cpu_devices)
   if FLAGS.multihost:
     # Unset values are auto-detected from the cluster (SLURM, Open MPI, Cloud TPU, ...).
     jax.distributed.initialize(
@@ -57,10 +59,10 @@ def main(argv):
   from simclr_jax import train
 
   logging.info("JAX processes: %d, local devices: %s", jax.process_count(), jax.local_devices())
-  if FLAGS.config.num_cpu_devices and jax.default_backend() != "cpu":
+  if FLAGS.config.runtime.num_cpu_devices and jax.default_backend() != "cpu":
     logging.warning(
-      "config.num_cpu_devices=%d is ignored: the step runs on the %s devices",
-      FLAGS.config.num_cpu_devices,
+      "config.runtime.num_cpu_devices=%d is ignored: the step runs on the %s devices",
+      FLAGS.config.runtime.num_cpu_devices,
       jax.default_backend(),
     )
   os.makedirs(FLAGS.workdir, exist_ok=True)

@@ -21,17 +21,20 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from simclr_jax import augment  # noqa: E402
+from simclr_jax import augment, cpu_kernels  # noqa: E402
 
 CASES = ((64, 128), (96, 64), (224, 32))  # (pixels, pairs)
 
 
 def _augment_ms(blur, images, key) -> tuple[float, jax.Array]:
   config = default.get_config().augment
+  loop = cpu_kernels.make_ops(default.get_config().runtime).sequential_augment
   pairs = images.shape[0]
 
   def run(key, view1, view2):
-    return augment.augment_views(key, view1, view2, config, example_ids=jnp.arange(pairs))
+    return augment.augment_views(
+      key, view1, view2, config, example_ids=jnp.arange(pairs), loop=loop
+    )
 
   original = augment.gaussian_blur
   augment.gaussian_blur = blur  # read at trace time by random_gaussian_blur

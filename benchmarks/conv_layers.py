@@ -1,5 +1,5 @@
-"""Per-layer convolution times of `models.Conv` with XLA's convolutions and with oneDNN's
-(`model.conv_impl`: 'xla' or 'onednn', the library PyTorch's CPU convolutions run on).
+"""Per-layer convolution times of the CPU kernels' convolution with XLA's convolutions and with
+oneDNN's (`runtime.conv_impl`: 'xla' or 'onednn', the library PyTorch's CPU convolutions run on).
 
     python -m benchmarks.conv_layers
 
@@ -7,7 +7,7 @@ For ResNet-18's 3x3 stages and its 7x7/2 stem at 64 px crops, batch 256 (128 pai
 in NHWC float32: forward, and backward (gradients of input and kernel together, as the train
 step needs them), each the best of 5 timed calls after 2 warm-up calls, in ms, for both
 implementations. Run on a quiet machine; compile time is excluded. 'onednn' needs Debian's
-libdnnl-dev and g++ (`simclr_jax/onednn.py`).
+libdnnl-dev and g++ (`simclr_jax/cpu_kernels/onednn.py`).
 """
 
 import os
@@ -17,8 +17,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 
-from simclr_jax import models  # noqa: E402
+from simclr_jax import cpu_kernels  # noqa: E402
 
 # (batch, input channels, output channels, input side in px, kernel side, stride)
 SHAPES = (
@@ -50,7 +51,8 @@ def main():
     x = jax.random.normal(jax.random.key(0), (n, side, side, c_in), jnp.float32)
     times = []
     for impl in ("xla", "onednn"):
-      conv = models.Conv(c_out, (k, k), strides=stride, padding=k // 2, impl=impl)
+      ops = cpu_kernels.make_ops(ml_collections.ConfigDict(dict(conv_impl=impl)))
+      conv = ops.conv(c_out, (k, k), strides=stride, padding=k // 2)
       params = conv.init(jax.random.key(1), x)
       forward = jax.jit(conv.apply)
       g = jax.random.normal(jax.random.key(2), forward(params, x).shape, jnp.float32)

@@ -16,7 +16,8 @@ import numpy as np
 from absl import app, flags
 
 from configs import default
-from simclr_jax import augment, image_folder, input_pipeline
+from simclr_jax import augment, cpu_kernels
+from simclr_jax.data import image_folder, pipeline
 
 _ROOT = flags.DEFINE_string("root", "../shared/data/imagenet-5-categories", "ImageFolder root.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 300, "Training images to use.")
@@ -40,7 +41,7 @@ def _subset(root: str, num_images: int, out: str) -> str:
 def _host_pairs_per_s(config, epochs: int) -> tuple[float, float]:
   """Returns (setup seconds, pairs/s) of iterating the host pipeline."""
   start = time.perf_counter()
-  ds, source = input_pipeline.pretrain_dataset(config, seed=0)
+  ds, source = pipeline.pretrain_dataset(config, seed=0)
   it = ds.as_numpy_iterator()
   next(it)
   setup = time.perf_counter() - start
@@ -52,7 +53,8 @@ def _host_pairs_per_s(config, epochs: int) -> tuple[float, float]:
 
 
 def _device_pairs_per_s(config, size: int, repeats: int = 5) -> float:
-  views = jax.jit(lambda k, a, b: augment.augment_views(k, a, b, config.augment))
+  loop = cpu_kernels.make_ops(config.runtime).sequential_augment
+  views = jax.jit(lambda k, a, b: augment.augment_views(k, a, b, config.augment, loop=loop))
   rng = np.random.default_rng(0)
   batch = [rng.random((config.batch_size, size, size, 3), np.float32) for _ in range(2)]
   batch = jax.device_put(batch)

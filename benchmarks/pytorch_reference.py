@@ -1,4 +1,4 @@
-"""The PyTorch seed's train step on this machine: the reference the JAX step is measured against.
+"""The PyTorch original's train step on this machine: the reference for the JAX step.
 
 Not part of simclr-jax and not a dependency: it needs `torch` (CPU build), which the project never
 installs. Run it from a separate environment, e.g.
@@ -6,11 +6,11 @@ installs. Run it from a separate environment, e.g.
     python -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch   # a CPU wheel
     /tmp/torchenv/bin/python benchmarks/pytorch_reference.py --px 96 --pairs 64
 
-The step is the seed's: ResNet-18 (He et al. 2016, ImageNet stem, BN in training mode, no fc),
-projection head 512-100-100-100 (plain MLP with biases, ReLU between layers), NT-Xent over the
-2N views at temperature 0.05 (SimCLR eq. 1), Adam 1e-3. It prints the median seconds of the
-forward pass (without autograd, BN in training mode) and of the whole step (forward, backward,
-Adam) on a fixed random batch, so data loading and augmentation are not measured (the JAX benchmark
+The step is the PyTorch original's: ResNet-18 (He et al. 2016, ImageNet stem, BN in training mode,
+no fc), projection head 512-100-100-100 (plain MLP with biases, ReLU between layers), NT-Xent over
+the 2N views at temperature 0.05 (SimCLR eq. 1), Adam 1e-3. It prints the median seconds of the
+forward pass (without autograd, BN in training mode) and of the whole step (forward, backward, Adam)
+on a fixed random batch, so data loading and augmentation are not measured (the JAX benchmark
 likewise excludes the input pipeline and, with `--noaugment`, its on-device augmentation; see
 docs/benchmarks.md). Both memory formats are worth trying: oneDNN is faster on channels-last.
 """

@@ -8,10 +8,10 @@ pairs per second, FLOPs per pair from XLA's cost analysis of the compiled step, 
 With `--breakdown`, also the seconds of the step's parts, each compiled alone: the on-device
 augmentation of both views, the forward pass of both views (BN in training mode), and forward +
 gradient of the NT-Xent loss (no augmentation, no optimiser update).
-The step is the real one (`train.make_train_step`: augmentation, both views through the
-encoder, NT-Xent over all devices, LARS update), fed with a fixed on-device batch so the input
-pipeline is not measured here (see `benchmarks/input_pipeline.py`). `--noaugment` leaves the
-augmentation out, comparable to what `benchmarks/pytorch_reference.py` times for the seed (its
+The step is the real one (`train.make_train_step`: augmentation, both views through the encoder,
+NT-Xent over all devices, LARS update), fed with a fixed on-device batch so the input pipeline is
+not measured here (see `benchmarks/input_pipeline.py`). `--noaugment` leaves the augmentation out,
+comparable to what `benchmarks/pytorch_reference.py` times for the PyTorch original (its
 augmentation runs in the data loader; its optimiser and head differ, a small share of the step).
 """
 
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import default  # noqa: E402
-from simclr_jax import augment, losses, models, optim, parallel, train  # noqa: E402
+from simclr_jax import augment, cpu_kernels, losses, models, optim, parallel, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
@@ -41,11 +41,11 @@ flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
 flags.DEFINE_enum(
   "conv_impl",
   "xla",
-  list(models.CONV_IMPLS),
-  "model.conv_impl: XLA's convolutions, oneDNN's (FFI) or auto (oneDNN where it runs).",
+  list(cpu_kernels.CONV_IMPLS),
+  "runtime.conv_impl: XLA's convolutions, oneDNN's (FFI), auto (oneDNN where it runs) or flax.",
 )
 flags.DEFINE_integer(
-  "grad_chunk", None, "model.conv_grad_chunk (images per backward chunk); default: auto."
+  "grad_chunk", None, "runtime.conv_grad_chunk (images per backward chunk); default: auto."
 )
 flags.DEFINE_bool(
   "augment",
@@ -62,8 +62,8 @@ def _config(depth: int, size: int, batch: int, cifar: bool):
   config.model.depth = depth
   config.model.cifar_stem = cifar
   config.model.dtype = FLAGS.dtype
-  config.model.conv_grad_chunk = FLAGS.grad_chunk
-  config.model.conv_impl = FLAGS.conv_impl
+  config.runtime.conv_grad_chunk = FLAGS.grad_chunk
+  config.runtime.conv_impl = FLAGS.conv_impl
   config.augment.enabled = FLAGS.augment
   config.data.image_size = size
   config.batch_size = batch
@@ -92,9 +92,12 @@ def _median_seconds(fn, *args) -> float:
 
 def breakdown(config, state, batch_arrays, key) -> dict:
   """Seconds of the step's parts, each pmapped and compiled alone (same shapes as the step)."""
+  ops = cpu_kernels.make_ops(config.runtime, dtype=config.model.dtype)
 
   def augment_only(batch, key):
-    return augment.augment_views(key, batch["view1"], batch["view2"], config.augment)
+    return augment.augment_views(
+      key, batch["view1"], batch["view2"], config.augment, loop=ops.sequential_augment
+    )
 
   def loss(params, batch_stats, images):
     (projection, _), _ = state.apply_fn(
@@ -128,7 +131,8 @@ def run_case(spec: str) -> dict:
   schedule = optim.warmup_cosine(
     config.optim, batch_size=batch, steps_per_epoch=100, num_epochs=100
   )
-  model = models.build_model(config.model, image_size=size, axis_name=parallel.AXIS_NAME)
+  ops = cpu_kernels.make_ops(config.runtime, dtype=config.model.dtype)
+  model = models.build_model(config.model, image_size=size, axis_name=parallel.AXIS_NAME, ops=ops)
   state = parallel.replicate(
     train.create_train_state(config, model, jax.random.PRNGKey(0), schedule)
   )
@@ -139,7 +143,7 @@ def run_case(spec: str) -> dict:
     "view2": jax.device_put(rng.uniform(size=shape).astype(np.float32)),
   }
   key = jax.random.PRNGKey(1)
-  p_step = train.make_train_step(config, schedule)
+  p_step = train.make_train_step(config, schedule, sequential_augment=ops.sequential_augment)
 
   start = time.perf_counter()
   state, metrics = p_step(state, batch_arrays, key)
@@ -173,7 +177,7 @@ def main(argv):
   augmentation = "on-device augmentation included" if FLAGS.augment else "no augmentation"
   print(
     f"devices: {jax.devices()}  dtype: {FLAGS.dtype}  "
-    f"convolutions: {models.resolve_conv_impl(_config(18, 64, 8, False).model)}  "
+    f"convolutions: {cpu_kernels.make_ops(_config(18, 64, 8, False).runtime).conv_impl}  "
     f"{augmentation}"
   )
   header = "| case | batch | compile s | step s | pairs/s | GFLOP/pair | GFLOP/s |"

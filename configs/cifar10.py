@@ -1,12 +1,16 @@
 """The published CIFAR-10 recipe (SimCLR §B.9; official README): ResNet-18, CIFAR stem, 1000 epochs.
 
-Unpack ../shared/data/cifar10-jpg.tar.gz outside the repository first, then:
+Batch 512, LARS 1.0 x B/256, temperature 0.5, colour jitter 0.5, no blur. The images: CIFAR-10 as
+JPEG folders (unpack ../shared/data/cifar10-jpg.tar.gz outside the repository; README, Data):
 
     python run_pretrain.py --config configs/cifar10.py --workdir runs/cifar10 \
         --config.data.root=/tmp/cifar10-jpg
+    python run_linear.py --workdir runs/cifar10 --label_fraction 1.0
 
-or read TFDS's cifar10 from a local data directory:
+or TFDS's cifar10 from a local data directory:
 `--config.data.source=tfds --config.data.tfds_name=cifar10 --config.data.tfds_data_dir=DIR`.
+
+Result: not yet run in this project (no GPU has been lent to it).
 """
 
 from configs import default

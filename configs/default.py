@@ -26,11 +26,6 @@ def view_augment(blur_prob: float = 0.5, solarize_prob: float = 0.0) -> ml_colle
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # JAX devices to split the host CPU into (jax_num_cpu_devices; run_pretrain.py sets it before JAX
-  # starts). The step is pmapped over them like over GPUs: each holds batch_size / N pairs, BN
-  # statistics are synced and negatives gathered, so the loss and update are those of one device.
-  # 0: JAX's default (1, or --xla_force_host_platform_device_count). Accelerators ignore it.
-  config.num_cpu_devices = 0
   config.batch_size = 4096  # global, both views of one image count once
   config.num_epochs = 100
   config.temperature = 0.1
@@ -77,13 +72,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # compute dtype; parameters stay float32
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-5
-  # Images per chunk of the convolutions' backward pass (speed only); None: 32 on CPU, else 0
-  # (the whole batch at once).
-  config.model.conv_grad_chunk = ml_collections.FieldReference(None, field_type=int)
-  # "xla"; "onednn": convolutions on oneDNN through XLA FFI (CPU, float32; needs Debian's
-  # libdnnl-dev and g++; 1.3-1.4x faster steps on CPU, docs/benchmarks.md "Session 9"); "auto":
-  # oneDNN where it can run, else XLA (models.resolve_conv_impl). Speed only.
-  config.model.conv_impl = "xla"
   config.model.head = ml_collections.ConfigDict()
   config.model.head.preset = "simclr"  # "simclr": Dense+BN layers, last 128-d, no bias/ReLU
   config.model.head.num_layers = 2
@@ -99,4 +87,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.trust_coefficient = 1e-3
   config.optim.warmup_epochs = 10
   config.optim.schedule = "warmup_cosine"  # or "constant"
+
+  # How to run, not what is learned: not part of the model's identity, so a checkpoint resumes
+  # and is probed under any runtime (simclr_jax/cpu_kernels).
+  config.runtime = ml_collections.ConfigDict()
+  # "xla": XLA's convolutions (on the CPU through cpu_kernels' faster equivalents); "onednn":
+  # oneDNN's (CPU, float32; needs libdnnl-dev and g++); "auto": oneDNN where it can run, else
+  # XLA; "flax": flax's own nn.Conv and nn.max_pool.
+  config.runtime.conv_impl = "xla"
+  # Images per chunk of the convolutions' backward pass; None: 32 on the CPU, else the batch.
+  config.runtime.conv_grad_chunk = ml_collections.FieldReference(None, field_type=int)
+  # JAX devices to split a CPU-only host into (jax_num_cpu_devices; set before JAX starts): the
+  # step is pmapped over them as over GPUs. 0: JAX's default. Accelerators ignore it.
+  config.runtime.num_cpu_devices = 0
   return config

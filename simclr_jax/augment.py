@@ -3,7 +3,7 @@
 Per view, in this order: horizontal flip, colour jitter (its four ops in a random order), grayscale,
 Gaussian blur, solarize (BYOL's addition, off by default), clip to [0, 1], then optionally ImageNet
 mean/std normalisation. The random-resized crop runs earlier, on the host, in tf.data
-(`simclr_jax.input_pipeline.random_resized_crop`).
+(`simclr_jax.data.crops.random_resized_crop`).
 
 Every op takes a key first and one float32 ``[H, W, 3]`` image in [0, 1] (dm-pix's convention);
 `augment_batch` splits its key per example and ``vmap``s. Probabilities and strengths are Python
@@ -143,8 +143,8 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array, kernel_size: int) -> jax.A
 
   ``K_H @ image @ K_W^T`` per channel, with `gaussian_blur_matrix` for each axis: the same values
   as dm-pix's two zero-padded depthwise convolutions (``pix.gaussian_blur``, tested), computed as
-  dense products: on CPU, augmenting both views of a batch got 6-7x faster than with the per-image
-  depthwise convolutions (docs/benchmarks.md, "Session 4"; `python -m benchmarks.blur`).
+  dense products, which XLA's CPU backend runs much faster than per-image depthwise convolutions
+  (docs/benchmarks.md, "Blur as two matrix products"; `python -m benchmarks.blur`).
 
   Args:
     image: float ``[H, W, C]``.
@@ -247,15 +247,14 @@ def augment_batch(
   *,
   normalize: bool = False,
   example_ids: jax.Array | None = None,
-  loop: bool | None = None,
+  loop: bool = False,
 ) -> jax.Array:
   """`augment_image` on each image with its own key; jittable.
 
   The per-image random choices (apply or not, the colour ops' order) are branches: under `vmap`
   every branch runs for every image and the results are selected, while a sequential loop
-  (`lax.map`) runs only the branches taken. On CPU the loop measured 2-7x faster (128 images,
-  one view: 64 px 51 -> 7 ms; 96 px with blur 337 -> 163 ms); on accelerators `vmap`'s
-  parallelism wins. Same values either way (tested).
+  (`lax.map`) runs only the branches taken, which is faster on a CPU (docs/benchmarks.md); on
+  accelerators `vmap`'s parallelism wins. Same values either way (tested).
 
   Args:
     rng: PRNG key; fold the step (and, without `example_ids`, the device index) into it first.
@@ -265,8 +264,8 @@ def augment_batch(
     example_ids: optional int ``[B]``, each image's index in the global batch; its key is then
       ``fold_in(rng, id)``, so the draws do not depend on how the batch is split over devices.
       Without it the keys are ``split(rng, B)``.
-    loop: True for a sequential loop over the images, False for `vmap`; None picks the loop
-      on the CPU backend and `vmap` elsewhere.
+    loop: True for a sequential loop over the images, False for `vmap`
+      (`cpu_kernels.Ops.sequential_augment` says which suits the backend).
 
   Returns:
     float32 ``[B, H, W, 3]``, in [0, 1] unless normalised.
@@ -275,8 +274,6 @@ def augment_batch(
     keys = jax.random.split(rng, images.shape[0])
   else:
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
-  if loop is None:
-    loop = jax.default_backend() == "cpu"
   if loop:
     out = jax.lax.map(lambda args: augment_image(args[0], args[1], view_config), (keys, images))
   else:
@@ -291,6 +288,7 @@ def augment_views(
   augment_config: ml_collections.ConfigDict,
   *,
   example_ids: jax.Array | None = None,
+  loop: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Augments the two crops with ``augment_config.view1`` / ``view2`` and independent keys.
 
@@ -299,6 +297,7 @@ def augment_views(
     view1, view2: float32 ``[B, H, W, 3]`` in [0, 1], two crops of the same B images.
     augment_config: ``config.augment``; reads ``enabled``, ``normalize``, ``view1``, ``view2``.
     example_ids: optional int ``[B]`` global-batch indices of the images (see `augment_batch`).
+    loop: sequential loop or `vmap` over the images (see `augment_batch`).
 
   Returns:
     ``(view1, view2)``, float32 ``[B, H, W, 3]``. With ``enabled`` False the inputs come back
@@ -310,7 +309,12 @@ def augment_views(
   views = ((view1, augment_config.view1), (view2, augment_config.view2))
   return tuple(
     augment_batch(
-      jax.random.fold_in(rng, i), images, settings, normalize=normalize, example_ids=example_ids
+      jax.random.fold_in(rng, i),
+      images,
+      settings,
+      normalize=normalize,
+      example_ids=example_ids,
+      loop=loop,
     )
     for i, (images, settings) in enumerate(views, start=1)
   )

@@ -95,6 +95,34 @@ def restore_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any
   return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
 
 
+_LEGACY_RUNTIME = {"model.conv_impl": "conv_impl", "model.conv_grad_chunk": "conv_grad_chunk"}
+_LEGACY_RUNTIME_TOP = {"num_cpu_devices": "num_cpu_devices"}
+_LEGACY_HEAD_PRESETS = {"seed": "pytorch_original"}
+
+
+def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
+  """A checkpoint's saved config in today's field names; the input is not modified.
+
+  Checkpoints written before the `runtime` section kept the speed settings with the model
+  (`model.conv_impl`, `model.conv_grad_chunk`) and at the top (`num_cpu_devices`): they move to
+  `runtime` (unless it exists). The PyTorch original's head preset, once "seed", is
+  "pytorch_original".
+  """
+  config = json.loads(json.dumps(saved))
+  model = config.get("model", {})
+  legacy = {
+    new: model.pop(old.split(".")[1])
+    for old, new in _LEGACY_RUNTIME.items()
+    if old.split(".")[1] in model
+  }
+  legacy.update({new: config.pop(old) for old, new in _LEGACY_RUNTIME_TOP.items() if old in config})
+  config.setdefault("runtime", legacy)
+  head = model.get("head", {})
+  if head.get("preset") in _LEGACY_HEAD_PRESETS:
+    head["preset"] = _LEGACY_HEAD_PRESETS[head["preset"]]
+  return config
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   if isinstance(tree, dict):
     flat = {}
@@ -107,10 +135,12 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
   """Fields whose value differs between a checkpoint's saved config and `config`, as text.
 
-  A field that the checkpoint's config lacks (saved by a version without it) reads
+  The `runtime` section is left out: it changes how the step runs, not what it computes. A
+  field that the checkpoint's config lacks (saved by a version without it) reads
   "<field>: absent from the checkpoint -> <value>"; one that `config` lacks, the other way round.
   """
-  old, new = _flatten(saved), _flatten(json.loads(config.to_json()))
+  old, new = _flatten(upgrade_config(saved)), _flatten(json.loads(config.to_json()))
+  old, new = ({k: v for k, v in d.items() if not k.startswith("runtime.")} for d in (old, new))
   if new.get("data.root"):
     new["data.root"] = os.path.abspath(os.path.expanduser(new["data.root"]))
 
@@ -170,7 +200,7 @@ def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
   state, metadata = restored["state"], restored["metadata"]
   manager.close()
   return Pretrained(
-    config=ml_collections.ConfigDict(metadata["config"]),
+    config=ml_collections.ConfigDict(upgrade_config(metadata["config"])),
     class_names=list(metadata["class_names"]),
     params=jax.device_get(state["params"]),
     batch_stats=jax.device_get(state["batch_stats"]),

@@ -10,7 +10,7 @@ and the loss is its mean over all 2M anchors (Algorithm 1). Normalisations in us
 
 - google-research/simclr (tf2 `add_contrastive_loss`) returns the *sum* of the two directions'
   means, i.e. exactly twice this loss (its gradient is twice ours; the optimum is the same).
-- The PyTorch seed this project grew from computes exp(sim_pos / tau) over the sum over k != i
+- The PyTorch original this project grew from computes exp(sim_pos / tau) over the sum over k != i
   of exp(sim_ik / tau), and averages -log of that ratio over the 2M rows: this loss, unchanged.
 """
 
@@ -139,7 +139,7 @@ def nt_xent(
     z1: float [N, D] projections of view 1 on this device; any float dtype, computed in float32.
       Rows are L2-normalised here (a zero row stays zero).
     z2: float [N, D] projections of view 2; row i is the positive of z1's row i.
-    temperature: tau > 0 (the paper uses 0.1 to 1.0; the seed used 0.05).
+    temperature: tau > 0 (the paper uses 0.1 to 1.0; the PyTorch original used 0.05).
     axis_name: device axis to gather negatives over, or None for a single device.
 
   Returns:

@@ -36,7 +36,7 @@ def warmup_cosine(
 ) -> optax.Schedule:
   """Learning rate per step: linear warmup from 0 over `optim.warmup_epochs`, then cosine to 0.
 
-  With `optim.schedule == "constant"` the peak rate throughout (the seed's Adam).
+  With `optim.schedule == "constant"` the peak rate throughout (the PyTorch original's Adam).
 
   Raises:
     ValueError: unknown `optim.schedule`, or warmup longer than the run.
@@ -82,7 +82,7 @@ def create_optimizer(
 
   Weight decay (`optim.weight_decay`) always skips batch-norm parameters and biases. For 'sgd'
   and 'adam' it is L2 regularisation added to the gradient (PyTorch's `weight_decay`, as in
-  the seed); for 'adamw' it is decoupled; for 'lars' it is added before the trust ratio.
+  the PyTorch original); for 'adamw' it is decoupled; for 'lars' it is added before the trust ratio.
 
   Raises:
     ValueError: unknown optimiser name.

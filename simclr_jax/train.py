@@ -20,16 +20,8 @@ import tqdm
 from absl import logging
 from flax.training import train_state
 
-from simclr_jax import (
-  augment,
-  checkpoint,
-  input_pipeline,
-  losses,
-  models,
-  optim,
-  parallel,
-  train_log,
-)
+from simclr_jax import augment, checkpoint, cpu_kernels, losses, models, optim, parallel, train_log
+from simclr_jax.data import pipeline, resolution, sources
 
 
 class TrainState(train_state.TrainState):
@@ -52,77 +44,6 @@ def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) 
   return steps
 
 
-def final_phase_start(config: ml_collections.ConfigDict) -> int | None:
-  """The first (0-based) epoch cropped at ``data.final_image_size``, or None without that phase.
-
-  Progressive resizing (Tan & Le 2021, "EfficientNetV2", §4: small images early, larger late):
-  most epochs run on small, cheap crops, the last ``data.final_size_epochs`` on larger ones, under
-  one learning-rate schedule, so the encoder ends at the resolution that the probe's larger test
-  view shows it (FixRes, Touvron et al. 2019, §3). The boundary is counted from ``num_epochs``:
-  resuming with a larger ``num_epochs`` moves it.
-
-  Raises:
-    ValueError: ``data.final_size_epochs`` outside [0, num_epochs]; > 0 with
-      ``data.final_image_size`` <= 0; ``data.final_image_size`` or
-      ``data.final_cache_shorter_side`` set while ``data.final_size_epochs`` is 0 (they would be
-      ignored); a negative ``data.final_cache_shorter_side``; or ``model.cifar_stem`` left to
-      the automatic choice (None) when ``data.image_size`` and ``data.final_image_size`` fall on
-      different sides of 32 px (the stem is built once, from ``data.image_size``).
-  """
-  data = config.data
-  epochs = int(data.get("final_size_epochs", 0) or 0)
-  size = int(data.get("final_image_size", 0) or 0)
-  cache_side = int(data.get("final_cache_shorter_side", 0) or 0)
-  if not 0 <= epochs <= config.num_epochs:
-    raise ValueError(
-      f"config.data.final_size_epochs={epochs} must be in [0, num_epochs={config.num_epochs}]."
-    )
-  if cache_side < 0:
-    raise ValueError(
-      f"config.data.final_cache_shorter_side={cache_side} must be >= 0 (0: cache_shorter_side)."
-    )
-  if not epochs:
-    if size or cache_side:
-      raise ValueError(
-        f"config.data.final_image_size={size} / final_cache_shorter_side={cache_side} are set "
-        "but config.data.final_size_epochs=0, so no epoch would use them; set the number of "
-        "final epochs, or 0 for both."
-      )
-    return None
-  if size <= 0:
-    raise ValueError(
-      f"config.data.final_size_epochs={epochs} needs config.data.final_image_size > 0 (px), "
-      f"got {size}."
-    )
-  if config.model.get("cifar_stem") is None and (data.image_size <= 32) != (size <= 32):
-    raise ValueError(
-      f"config.model.cifar_stem=None picks the stem from data.image_size={data.image_size} "
-      f"(CIFAR stem iff <= 32 px), which does not suit data.final_image_size={size}; set "
-      "config.model.cifar_stem to True or False."
-    )
-  return config.num_epochs - epochs
-
-
-def config_for_epoch(config: ml_collections.ConfigDict, epoch: int) -> ml_collections.ConfigDict:
-  """`config` with the crop size (and cache side) that pretraining uses in 0-based `epoch`.
-
-  Before `final_phase_start` (or without a final phase) this is `config` itself; from it on, a
-  copy whose ``data.image_size`` is ``data.final_image_size`` and, if set,
-  ``data.cache_shorter_side`` is ``data.final_cache_shorter_side``.
-
-  Raises:
-    ValueError: see `final_phase_start`.
-  """
-  start = final_phase_start(config)
-  if start is None or epoch < start:
-    return config
-  phase = config.copy_and_resolve_references()
-  phase.data.image_size = config.data.final_image_size
-  if config.data.final_cache_shorter_side:
-    phase.data.cache_shorter_side = config.data.final_cache_shorter_side
-  return phase
-
-
 def create_train_state(
   config: ml_collections.ConfigDict, model, rng: jax.Array, schedule: optax.Schedule
 ) -> TrainState:
@@ -137,17 +58,24 @@ def create_train_state(
   )
 
 
-def make_train_step(config: ml_collections.ConfigDict, schedule: optax.Schedule, devices=None):
+def make_train_step(
+  config: ml_collections.ConfigDict,
+  schedule: optax.Schedule,
+  devices=None,
+  *,
+  sequential_augment: bool = False,
+):
   """Returns `p_train_step(state, batch, rng) -> (state, metrics)`, pmapped over `devices`.
 
-  `devices` defaults to all local devices.
+  `devices` defaults to all local devices; `sequential_augment` is `augment.augment_batch`'s
+  `loop` (speed only: `cpu_kernels.Ops.sequential_augment`).
 
   `state` is replicated ([devices, ...] leaves) and donated; `batch` holds `view1`, `view2`:
   float32 [devices, per_device, H, W, 3] in [0, 1]; `rng` is one key shared by all devices.
   Metrics are global-batch scalars, identical on every device: `loss`,
   `contrastive_accuracy`, `positive_similarity`, `negative_similarity`, `learning_rate`.
   The leading batch axis must equal the number of devices (pmap raises a ValueError otherwise);
-  `input_pipeline` checks earlier that `batch_size` is a multiple of the device count.
+  `data.pipeline` checks earlier that `batch_size` is a multiple of the device count.
   """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
@@ -161,6 +89,7 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: optax.Schedule,
       batch["view2"],
       config.augment,
       example_ids=first + jnp.arange(per_device),
+      loop=sequential_augment,
     )
     images = jnp.concatenate([view1, view2], axis=0)
 
@@ -213,15 +142,16 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     checkpoint had already reached `num_epochs`, so nothing was trained).
 
   Raises:
-    ValueError: bad data or config values (see `input_pipeline`, `optim`, `models`, and
-      `final_phase_start` for ``data.final_*``), before anything is written.
+    ValueError: bad data or config values (see `data.pipeline`, `optim`, `models`, and
+      `data.resolution.final_phase_start` for ``data.final_*``), before anything is written.
     FloatingPointError: the loss became NaN or Inf; names the step. The last good checkpoint
       stays the latest on disk.
   """
   is_main = jax.process_index() == 0
-  switch_epoch = final_phase_start(config)  # validates data.final_* before anything is written
-  class_names = input_pipeline.get_class_names(config.data)
-  num_train = input_pipeline.num_examples(config.data, config.data.train_split)
+  # Validates data.final_* before anything is written.
+  switch_epoch = resolution.final_phase_start(config)
+  class_names = sources.get_class_names(config.data)
+  num_train = sources.num_examples(config.data, config.data.train_split)
   spe = steps_per_epoch(config, num_train)
   total_steps = spe * config.num_epochs
   schedule = optim.warmup_cosine(
@@ -261,11 +191,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "already_complete": True,
     }
   # Built before the model so that bad data or batch settings fail before any compilation.
-  batches = input_pipeline.create_pretrain_iterator(
-    config_for_epoch(config, start_step // spe), seed=config.seed, start_epoch=start_step // spe
+  batches = pipeline.create_pretrain_iterator(
+    resolution.config_for_epoch(config, start_step // spe),
+    seed=config.seed,
+    start_epoch=start_step // spe,
   )
+  ops = cpu_kernels.make_ops(config.runtime, dtype=config.model.dtype)
   model = models.build_model(
-    config.model, image_size=config.data.image_size, axis_name=parallel.AXIS_NAME
+    config.model, image_size=config.data.image_size, axis_name=parallel.AXIS_NAME, ops=ops
   )
   rng = jax.random.PRNGKey(config.seed)
   init_rng, augment_rng = jax.random.split(rng)
@@ -283,7 +216,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   history = train_log.LossHistory(workdir, resume_step=start_step) if is_main else None
   writer = train_log.ScalarWriter(workdir) if is_main else None
 
-  p_train_step = make_train_step(config, schedule)
+  p_train_step = make_train_step(config, schedule, sequential_augment=ops.sequential_augment)
   p_state = parallel.replicate(state)
   del state
   pending: list[tuple[int, dict[str, jax.Array]]] = []
@@ -358,11 +291,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           # Progressive resizing: a new stream of larger crops from this epoch on (the step
           # compiles once more for the new shape); the same stream a run resumed here reads.
           # A new cache side decodes the split again (the previous cache stays in memory).
-          final = config_for_epoch(config, epoch)
+          final = resolution.config_for_epoch(config, epoch)
           switch_start = time.perf_counter()
-          batches = input_pipeline.create_pretrain_iterator(
-            final, seed=config.seed, start_epoch=epoch
-          )
+          batches = pipeline.create_pretrain_iterator(final, seed=config.seed, start_epoch=epoch)
           progress.clear()  # the message gets its own line, not the bar's
           logging.info(
             "Epoch %d on: %d px crops (cache %d px); new stream in %.1f s",

@@ -99,13 +99,26 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_config_changes_names_changed_added_and_dropped_fields():
   config = ml_collections.ConfigDict(
-    {"num_epochs": 2, "model": {"depth": 18, "conv_impl": "xla"}, "data": {"root": ""}}
+    {"num_epochs": 2, "model": {"depth": 18, "width_multiplier": 1.0}, "data": {"root": ""}}
   )
   saved = {"num_epochs": 1, "model": {"depth": 18, "old_field": None}, "data": {"root": ""}}
   assert checkpoint.config_changes(saved, config) == [
-    "model.conv_impl: absent from the checkpoint -> 'xla'",
     "model.old_field: None -> absent from this config",
+    "model.width_multiplier: absent from the checkpoint -> 1.0",
     "num_epochs: 1 -> 2",
   ]
-  saved["num_epochs"], saved["model"] = 2, {"depth": 18, "conv_impl": "xla"}
+  saved["num_epochs"], saved["model"] = 2, {"depth": 18, "width_multiplier": 1.0}
   assert checkpoint.config_changes(saved, config) == []
+
+
+def test_config_changes_leave_out_the_runtime_old_or_new():
+  """Speed settings are not the model: neither today's `runtime` section nor the fields it
+  replaced (model.conv_impl, model.conv_grad_chunk, num_cpu_devices) count as changes."""
+  config = ml_collections.ConfigDict(
+    {"model": {"depth": 18}, "runtime": {"conv_impl": "auto", "num_cpu_devices": 0}}
+  )
+  old = {"model": {"depth": 18, "conv_impl": "onednn", "conv_grad_chunk": 8}, "num_cpu_devices": 4}
+  assert checkpoint.config_changes(old, config) == []
+  new = {"model": {"depth": 18}, "runtime": {"conv_impl": "flax", "num_cpu_devices": 2}}
+  assert checkpoint.config_changes(new, config) == []
+  assert checkpoint.config_changes({"model": {"depth": 50}}, config) == ["model.depth: 50 -> 18"]

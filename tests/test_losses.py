@@ -28,8 +28,8 @@ def paper_reference(z1, z2, temperature):
   return sum(per_pair) / (2 * n)
 
 
-def seed_reference(z1, z2, temperature):
-  """The seed's formulation, vectorised, float64: per-row terms in the order [z1; z2]."""
+def pytorch_original_reference(z1, z2, temperature):
+  """The PyTorch original's formulation, vectorised, float64: per-row terms, order [z1; z2]."""
   z = np.concatenate([z1, z2]).astype(np.float64)
   z /= np.linalg.norm(z, axis=1, keepdims=True)
   n = len(z1)
@@ -60,10 +60,10 @@ def test_matches_paper_equation(n, d, temperature):
 
 
 @pytest.mark.parametrize("n,d", [(3, 4), (8, 32), (32, 100)])
-def test_matches_seed_formulation_per_anchor(n, d):
-  temperature = 0.05  # the seed's
+def test_matches_pytorch_original_formulation_per_anchor(n, d):
+  temperature = 0.05  # the PyTorch original's
   z1, z2 = random_pairs(7 + n, n, d)
-  expected_terms = seed_reference(z1, z2, temperature)
+  expected_terms = pytorch_original_reference(z1, z2, temperature)
   terms = losses.nt_xent_terms(jnp.asarray(z1), jnp.asarray(z2), temperature=temperature)
   np.testing.assert_allclose(np.asarray(terms), expected_terms, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss_of(z1, z2, temperature), expected_terms.mean(), rtol=1e-5)
@@ -73,7 +73,7 @@ def test_official_implementation_is_twice_this_loss():
   """tf2's add_contrastive_loss: CE over [positives-and-others] per direction, summed."""
   z1, z2 = random_pairs(3, 6, 10)
   temperature = 0.5
-  terms = seed_reference(z1, z2, temperature)
+  terms = pytorch_original_reference(z1, z2, temperature)
   official = terms[:6].mean() + terms[6:].mean()
   np.testing.assert_allclose(2 * loss_of(z1, z2, temperature), official, rtol=1e-5)
 
@@ -87,7 +87,7 @@ def test_gradients_match_finite_differences(temperature):
   )(jnp.asarray(z1), jnp.asarray(z2))
 
   def reference(flat):
-    return seed_reference(
+    return pytorch_original_reference(
       flat[: n * d].reshape(n, d), flat[n * d :].reshape(n, d), temperature
     ).mean()
 
@@ -242,7 +242,7 @@ def test_finite_loss_and_gradients(case):
     assert g.dtype == z1.dtype
     assert np.all(np.isfinite(np.asarray(g, np.float32)))
   if case in ("low_temperature", "large_norm"):
-    expected = seed_reference(np.asarray(z1), np.asarray(z2), temperature).mean()
+    expected = pytorch_original_reference(np.asarray(z1), np.asarray(z2), temperature).mean()
     np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
   if case == "zero_row":
     # the zero row has similarity 0 to everything; the reference with that row's cosine = 0

@@ -1,4 +1,7 @@
-"""Tests for simclr_jax.models: architecture, initialisation, presets, dtypes, cross-device BN."""
+"""Tests for simclr_jax.models: architecture, initialisation, presets, dtypes, cross-device BN.
+
+The models here use flax's convolution and max-pool; the CPU kernels that `build_model` can inject
+instead are tested in tests/test_cpu_kernels.py."""
 
 import functools
 
@@ -134,10 +137,11 @@ def test_residual_branches_do_not_affect_features_at_init(tiny_model):
   assert not np.allclose(encode({**variables, "params": live}, x), h, atol=1e-3)
 
 
-def test_seed_head_preset_is_512_100_100_100():
+def test_pytorch_original_head_preset_is_512_100_100_100():
+  """The PyTorch original's head on ResNet-18: a plain MLP (biases, no BN), 512-100-100-100."""
   config = default.get_config().model
   config.depth = 18
-  config.head.preset = "seed"
+  config.head.preset = "pytorch_original"
   config.head.num_layers = 3
   config.head.hidden_dim = 100
   config.head.output_dim = 100
@@ -179,7 +183,7 @@ def test_simclr_head_preset_layer_shapes(num_layers):
   assert z.shape == (2, 128) and aux["features"].shape == (2, 2048)
 
 
-@pytest.mark.parametrize("preset", ["simclr", "seed"])
+@pytest.mark.parametrize("preset", ["simclr", "pytorch_original"])
 def test_head_activations(preset):
   head = models.ProjectionHead(
     num_layers=3, hidden_dim=16, output_dim=8, **models.HEAD_PRESETS[preset]
@@ -301,7 +305,6 @@ def test_feature_dim(depth, width_multiplier, expected):
     ("head.preset", "byol"),
     ("width_multiplier", 0.0),
     ("head.num_layers", 0),
-    ("conv_grad_chunk", -1),
   ],
 )
 def test_build_model_rejects_bad_values(field, value):
@@ -310,204 +313,3 @@ def test_build_model_rejects_bad_values(field, value):
   setattr(config.head if section else config, name, value)
   with pytest.raises(ValueError, match=f"model.{field}={value!r}"):
     models.build_model(config, image_size=32)
-
-
-@pytest.mark.parametrize(
-  "hw,strides,channels,kernel",
-  [(2, 1, 5, 3), (3, 2, 5, 3), (4, 2, 5, 3), (1, 1, 5, 3), (6, 1, 5, 3), (9, 2, 5, 3)]
-  + [(2, 2, 5, 3), (2, 1, 5, 5)]  # dense matrix: with a stride; with a 5x5 kernel
-  + [(9, 2, 3, 7), (8, 2, 3, 7), (5, 1, 4, 3), (3, 2, 1, 7)],  # stem-like: few input channels
-)
-def test_conv_equals_flax_conv_on_every_path(hw, strides, channels, kernel):
-  """models.Conv (for outputs <= 2x2 a dense matrix product or shifted products, else XLA's
-  convolution) == nn.Conv, values and gradients."""
-  _assert_conv_equals_flax_conv((hw, hw), strides, channels, kernel)
-
-
-@pytest.mark.parametrize(
-  "hw,strides",
-  # dense product, dense with a stride, shifted products (twice), XLA's convolution
-  [((1, 2), 1), ((2, 3), 2), ((4, 3), 2), ((3, 4), 2), ((3, 5), 2)],
-)
-def test_conv_equals_flax_conv_on_non_square_maps(hw, strides):
-  _assert_conv_equals_flax_conv(hw, strides, 5, 3)
-
-
-def _assert_conv_equals_flax_conv(hw, strides, channels, kernel):
-  x = jax.random.normal(jax.random.PRNGKey(0), (3, *hw, channels))
-  padding = kernel // 2
-  ours = models.Conv(7, (kernel, kernel), strides, padding=padding)
-  ref = nn.Conv(7, (kernel, kernel), strides, padding=padding, use_bias=False)
-  params = ours.init(jax.random.PRNGKey(1), x)
-  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
-    ref.init(jax.random.PRNGKey(1), x)
-  )
-
-  def loss(module, p, x):
-    return jnp.sum(jnp.sin(module.apply(p, x)))
-
-  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
-  g_ours = jax.grad(loss, argnums=(1, 2))(ours, params, x)
-  g_ref = jax.grad(loss, argnums=(1, 2))(ref, params, x)
-  for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_ref), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-def _count_primitive(jaxpr, name: str) -> int:
-  """Equations of primitive `name` in a closed jaxpr, sub-jaxprs (custom VJPs, pjit) included."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == name
-    for sub in jax.core.jaxprs_in_params(eqn.params):
-      count += _count_primitive(sub, name)
-  return count
-
-
-@pytest.mark.parametrize(
-  "hw,strides,kernel,dots",
-  [(2, 1, 3, 2), (1, 1, 3, 2), (2, 2, 3, 2), (3, 2, 3, 9), (4, 2, 3, 9), (2, 1, 5, 2)],
-)
-def test_small_map_path_is_one_dense_product_when_the_map_has_fewer_pixels_than_taps(
-  hw, strides, kernel, dots
-):
-  """H*W < kh*kw: two products (build the matrix, apply it); else kh*kw shifted products."""
-  x = jnp.ones((2, hw, hw, 4))
-  conv = models.Conv(6, (kernel, kernel), strides, padding=kernel // 2)
-  params = conv.init(jax.random.PRNGKey(0), x)
-  jaxpr = jax.make_jaxpr(conv.apply)(params, x).jaxpr
-  assert _count_primitive(jaxpr, "dot_general") == dots
-  assert _count_primitive(jaxpr, "conv_general_dilated") == 0
-
-
-def test_small_map_conv_matrix_rows_are_the_convolution_of_unit_images():
-  """Row r of the matrix = the convolution of the image that is 1 at input entry r, else 0."""
-  kernel = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 2, 3))
-  matrix = np.asarray(models.small_map_conv_matrix(kernel, (2, 3), 1, 1))
-  assert matrix.shape == (2 * 3 * 2, 2 * 3 * 3)
-  units = jnp.eye(12).reshape(12, 2, 3, 2)
-  ref = jax.lax.conv_general_dilated(
-    units, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
-  )
-  np.testing.assert_allclose(matrix, np.asarray(ref).reshape(12, -1), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("grad_chunk,chunks", [(0, 1), (1, 6), (2, 3), (4, 2), (6, 1), (8, 1)])
-@pytest.mark.parametrize("strides,kernel", [(1, 3), (2, 3), (2, 7), (2, 1)])
-def test_conv_chunked_backward_equals_flax_conv_gradients(grad_chunk, chunks, strides, kernel):
-  """The backward pass over chunks of images (concatenated input gradient, summed kernel
-  gradient) == nn.Conv's gradients, for chunks that divide the batch of 6, that do not, and none;
-  and the gradient really runs one input- and one kernel-gradient convolution per chunk."""
-  x = jax.random.normal(jax.random.PRNGKey(0), (6, 9, 9, 4))
-  padding = kernel // 2
-  ours = models.Conv(6, (kernel, kernel), strides, padding=padding, grad_chunk=grad_chunk)
-  ref = nn.Conv(6, (kernel, kernel), strides, padding=padding, use_bias=False)
-  params = ours.init(jax.random.PRNGKey(1), x)
-  # A per-image weighting makes every image's gradient different, so a chunk taken twice or
-  # dropped changes the result.
-  weights = jnp.arange(1.0, 7.0)[:, None, None, None]
-
-  def loss(module, p, x):
-    return jnp.sum(weights * jnp.sin(module.apply(p, x)))
-
-  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
-  g_ours = jax.grad(loss, argnums=(1, 2))(ours, params, x)
-  g_ref = jax.grad(loss, argnums=(1, 2))(ref, params, x)
-  for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_ref), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(ours, params, x)
-  # forward, then dx and dW per chunk
-  assert _count_primitive(jaxpr.jaxpr, "conv_general_dilated") == 1 + 2 * chunks
-
-
-def test_conv_grad_chunk_is_capped_at_max_grad_chunks():
-  """A chunk smaller than N / MAX_GRAD_CHUNKS is enlarged, so compiles stay bounded."""
-  n = 2 * models.MAX_GRAD_CHUNKS + 1
-  x = jax.random.normal(jax.random.PRNGKey(0), (n, 4, 4, 2))
-  kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 3))
-
-  def loss(k, x):
-    return jnp.sum(models.conv2d(x, k, 1, 1, 1) ** 2)
-
-  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(kernel, x)
-  # chunks of ceil(33 / 16) = 3 images
-  assert _count_primitive(jaxpr.jaxpr, "conv_general_dilated") == 1 + 2 * 11
-  ref = jax.grad(lambda k, x: jnp.sum(models.conv2d(x, k, 1, 1, 0) ** 2), argnums=(0, 1))
-  for a, b in zip(jax.grad(loss, argnums=(0, 1))(kernel, x), ref(kernel, x), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-def test_build_model_passes_conv_grad_chunk_to_every_conv():
-  """config.model.conv_grad_chunk reaches every encoder convolution: with 2 images in chunks of
-  1, the gradient has two more transposed convolutions per convolution kernel than unchunked."""
-  config = tiny.get_config().model
-  images = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
-
-  def gradient_convolutions(chunk):
-    config.conv_grad_chunk = chunk
-    model = models.build_model(config, image_size=32)
-    variables = model.init(jax.random.PRNGKey(1), images, train=False)
-
-    def loss(params):
-      (z, _), _ = model.apply(
-        {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
-      )
-      return jnp.sum(z**2)
-
-    jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr
-    return variables, _count_primitive(jaxpr, "conv_general_dilated")
-
-  variables, whole = gradient_convolutions(0)
-  _, chunked = gradient_convolutions(1)
-  kernels = [
-    leaf
-    for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]["encoder"])
-    if path[-1].key == "kernel"
-  ]
-  assert len(kernels) > 10 and chunked - whole == 2 * len(kernels)
-
-
-def test_conv_chunked_backward_in_bfloat16_keeps_dtype_and_value():
-  """bf16 compute: the chunked kernel gradient keeps the kernel's dtype and equals, to bf16
-  precision, the float32 gradient of the same (bf16-rounded) inputs."""
-  x = jax.random.normal(jax.random.PRNGKey(0), (8, 6, 6, 3)).astype(jnp.bfloat16)
-  kernel = (jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4)) * 0.3).astype(jnp.bfloat16)
-
-  def loss(k, x, chunk):
-    return jnp.sum(models.conv2d(x, k, 1, 1, chunk).astype(jnp.float32) ** 2)
-
-  g16 = jax.grad(loss)(kernel, x, 1)
-  g32 = jax.grad(loss)(kernel.astype(jnp.float32), x.astype(jnp.float32), 0)
-  assert g16.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.float32(g16), g32, rtol=2e-2, atol=2e-2 * float(jnp.abs(g32).max()))
-
-
-@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3), (1, 1, 1, 2), (3, 2, 5, 4)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_max_pool_equals_flax_max_pool_values_and_gradients(shape, dtype):
-  """The custom-gradient stem max-pool == nn.max_pool (XLA reduce-window and its autodiff)."""
-  x = jax.random.normal(jax.random.PRNGKey(0), shape).astype(dtype)
-
-  def ref(x):
-    return nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
-
-  y, vjp = jax.vjp(models.max_pool_3x3_s2, x)
-  y_ref, vjp_ref = jax.vjp(ref, x)
-  assert y.dtype == dtype
-  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
-  g = jax.random.normal(jax.random.PRNGKey(1), y.shape).astype(dtype)
-  # An input that is the maximum of several windows sums their gradients, in another order.
-  tol = 1e-6 if dtype == jnp.float32 else 2e-2
-  np.testing.assert_allclose(
-    np.asarray(vjp(g)[0], np.float32), np.asarray(vjp_ref(g)[0], np.float32), rtol=tol, atol=tol
-  )
-
-
-def test_max_pool_gradient_routes_each_output_to_one_input_under_ties():
-  """Ties (e.g. the zeros after ReLU): each window's gradient reaches exactly one input."""
-  x = jnp.zeros((1, 6, 6, 1)).at[0, 2, 2, 0].set(1.0)
-  g = jnp.arange(1.0, 10.0).reshape(1, 3, 3, 1)
-  dx = jax.vjp(models.max_pool_3x3_s2, x)[1](g)[0]
-  assert float(dx.sum()) == float(g.sum())
-  # Windows (rows/cols 1-3 and 3-5 in input coordinates) containing (2, 2) send it their share:
-  # windows centred at output (1, 1) only; the rest go to each window's first (top-left) input.
-  assert float(dx[0, 2, 2, 0]) == float(g[0, 1, 1, 0])

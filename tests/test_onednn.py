@@ -1,5 +1,5 @@
-"""oneDNN convolutions through XLA FFI (`model.conv_impl='onednn'`) against XLA's: values and
-gradients of single layers and of a whole SimCLR model, and the errors."""
+"""oneDNN convolutions through XLA FFI (`runtime.conv_impl='onednn'`) against XLA's: values and
+gradients of single layers and of a whole SimCLR model, `make_ops`' choice of them, the errors."""
 
 import os
 import re
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from simclr_jax import models, onednn
+from simclr_jax import cpu_kernels, models
+from simclr_jax.cpu_kernels import onednn
 
 LAYERS = [  # (N, side, C_in, C_out, kernel, stride): the stem, 3x3 stages, strided, 1x1 shortcut
   (4, 9, 3, 8, 7, 2),
@@ -20,6 +21,13 @@ LAYERS = [  # (N, side, C_in, C_out, kernel, stride): the stem, 3x3 stages, stri
   (2, 5, 8, 8, 3, 1),
   (2, (7, 9), 6, 10, 3, 2),  # H != W: catches swapped spatial axes
 ]
+
+
+def _runtime(conv_impl):
+  """configs/default.py's runtime section with this conv_impl."""
+  runtime = default.get_config().runtime
+  runtime.conv_impl = conv_impl
+  return runtime
 
 
 def _xla(x, kernel, stride, padding):
@@ -54,9 +62,8 @@ def test_model_with_onednn_equals_xla():
   config.depth = 18
   config.width_multiplier = 0.25
   images = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 32, 32, 3)), jnp.float32)
-  xla = models.build_model(config, image_size=32)
-  config.conv_impl = "onednn"
-  ours = models.build_model(config, image_size=32)
+  xla = models.build_model(config, image_size=32, ops=cpu_kernels.make_ops(_runtime("xla")))
+  ours = models.build_model(config, image_size=32, ops=cpu_kernels.make_ops(_runtime("onednn")))
   variables = xla.init(jax.random.key(0), images, train=False)
   calls = str(jax.make_jaxpr(lambda v: ours.apply(v, images, train=False))(variables))
   # The switch reaches every convolution: ResNet-18 has 20 (stem, 16 in blocks, 3 shortcuts).
@@ -92,14 +99,10 @@ def test_pmap_equals_single_device():
 
 
 def test_errors():
-  config = default.get_config().model
-  config.conv_impl = "mkl"
-  with pytest.raises(ValueError, match="model.conv_impl"):
-    models.build_model(config, image_size=32)
-  config.conv_impl = "onednn"
-  config.dtype = "bfloat16"
-  with pytest.raises(ValueError, match="conv_impl='onednn' computes in float32"):
-    models.build_model(config, image_size=32)
+  with pytest.raises(ValueError, match="runtime.conv_impl='mkl'"):
+    cpu_kernels.make_ops(_runtime("mkl"))
+  with pytest.raises(ValueError, match="runtime.conv_impl='onednn' computes in float32"):
+    cpu_kernels.make_ops(_runtime("onednn"), dtype="bfloat16")
   x = jnp.zeros((1, 8, 8, 3), jnp.bfloat16)
   with pytest.raises(ValueError, match="got x bfloat16"):
     onednn.conv2d(x, jnp.zeros((3, 3, 3, 4), jnp.bfloat16), 1, 1)
@@ -133,32 +136,33 @@ def test_library_path_keys_on_source_jax_compiler_and_onednn(monkeypatch, tmp_pa
 
 
 def test_auto_picks_onednn_where_it_runs_else_xla(monkeypatch, caplog):
-  config = default.get_config().model
-  config.conv_impl = "auto"
-  assert models.resolve_conv_impl(config) == "onednn"  # CPU, float32, library builds
-  assert models.build_model(config, image_size=32).encoder.conv_impl == "onednn"
-  config.dtype = "bfloat16"
-  assert models.resolve_conv_impl(config) == "xla"  # no error, unlike conv_impl='onednn'
-  config.dtype = "float32"
+  runtime = _runtime("auto")
+  ops = cpu_kernels.make_ops(runtime, dtype="float32")
+  assert ops.conv_impl == "onednn"  # CPU, float32, library builds
+  model = models.build_model(default.get_config().model, image_size=32, ops=ops)
+  assert model.encoder.conv.keywords["impl"] == "onednn"
+  # no error, unlike conv_impl='onednn'
+  assert cpu_kernels.make_ops(runtime, dtype="bfloat16").conv_impl == "xla"
 
   def unavailable():
     raise RuntimeError("g++ is missing here")
 
   monkeypatch.setattr(onednn, "register", unavailable)
-  models._onednn_problem.cache_clear()  # the outcome is cached per process
+  cpu_kernels.onednn_problem.cache_clear()  # the outcome is cached per process
   try:
     with caplog.at_level("WARNING"):
-      assert models.resolve_conv_impl(config) == "xla"
+      fallback = cpu_kernels.make_ops(runtime, dtype="float32")
   finally:
-    models._onednn_problem.cache_clear()
-  assert "g++ is missing here" in caplog.text and "conv_impl='auto'" in caplog.text
+    cpu_kernels.onednn_problem.cache_clear()
+  assert fallback.conv_impl == fallback.conv.keywords["impl"] == "xla"
+  assert "g++ is missing here" in caplog.text and "runtime.conv_impl='auto'" in caplog.text
   monkeypatch.undo()
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert models.resolve_conv_impl(config) == "xla"
-  config.conv_impl = "onednn"
-  with pytest.raises(ValueError, match="CPU backend only; this is 'gpu'"):
-    models.resolve_conv_impl(config)
+  assert cpu_kernels.make_ops(runtime, dtype="float32").conv_impl == "xla"
+  cpu_only = "runtime.conv_impl='onednn' runs on the CPU backend only; this is 'gpu'"
+  with pytest.raises(ValueError, match=cpu_only):
+    cpu_kernels.make_ops(_runtime("onednn"), dtype="float32")
 
 
 def test_register_failures_are_runtime_errors_and_leave_no_temp_file(monkeypatch, tmp_path):

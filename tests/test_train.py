@@ -1,9 +1,11 @@
 """Training: 1 device == 4 devices, synced BN, resume == uninterrupted, NaN stop, the CLI."""
 
+import logging
 import os
 import subprocess
 import sys
 
+import image_trees
 import jax
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from PIL import Image
 
 from configs import tiny
 from simclr_jax import checkpoint, models, optim, parallel, train
+from simclr_jax.data import resolution
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("circle", "square", "stripes", "noise")
@@ -48,13 +51,7 @@ def tiny_config(data_root: str, **overrides):
   config.data.root = data_root
   config.num_epochs = 2
   config.log_every_steps = 1
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
+  return image_trees.override(config, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +173,28 @@ def test_resume_equals_uninterrupted(trained, tmp_path, data_root):
     )
 
 
+def test_resume_under_another_runtime_equals_uninterrupted(trained, tmp_path, data_root, caplog):
+  """A checkpoint trained with one runtime (cpu_kernels' XLA ops) resumes under another (flax's
+  own ops) with no rewriting and no config-change warning, to the same final state."""
+  workdir, _ = trained
+  resumed = _workdir_holding(tmp_path, "other_runtime", workdir, 2)
+  config = tiny_config(data_root)
+  assert config.runtime.conv_impl == "xla"
+  config.runtime.conv_impl, config.runtime.conv_grad_chunk = "flax", 3
+  with caplog.at_level(logging.WARNING):
+    summary = train.pretrain(config, resumed)
+  assert summary["resumed_from"] == 2
+  assert "changed config" not in caplog.text
+  full, after_resume = checkpoint.load_pretrained(workdir), checkpoint.load_pretrained(resumed)
+  assert after_resume.config.runtime.conv_impl == "flax"
+  for a, b in zip(
+    jax.tree_util.tree_leaves((full.params, full.batch_stats)),
+    jax.tree_util.tree_leaves((after_resume.params, after_resume.batch_stats)),
+    strict=True,
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path, data_root):
   workdir, _ = trained
   run = _workdir_holding(tmp_path, "nan", workdir, 4)
@@ -191,37 +210,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path,
 FINAL_PHASE = {"data.final_size_epochs": 1, "data.final_image_size": 48, "model.cifar_stem": True}
 
 
-def test_config_for_epoch_switches_the_crop_size_for_the_last_epochs(data_root):
-  config = tiny_config(
-    data_root, num_epochs=5, **FINAL_PHASE, **{"data.final_cache_shorter_side": 64}
-  )
-  config.data.final_size_epochs = 2
-  assert train.final_phase_start(config) == 3
-  for epoch in (0, 2):
-    assert train.config_for_epoch(config, epoch) is config
-  for epoch in (3, 4):
-    later = train.config_for_epoch(config, epoch)
-    assert (later.data.image_size, later.data.cache_shorter_side) == (48, 64)
-    assert later.model.depth == config.model.depth and later.num_epochs == 5
-  assert (config.data.image_size, config.data.cache_shorter_side) == (32, 256)  # not modified
-  config.data.final_cache_shorter_side = 0
-  assert train.config_for_epoch(config, 4).data.cache_shorter_side == 256
-  assert train.final_phase_start(tiny_config(data_root)) is None
-
-
-@pytest.mark.parametrize(
-  "overrides, message",
-  [
-    ({"data.final_size_epochs": 3, "data.final_image_size": 48}, "final_size_epochs=3 must be"),
-    ({"data.final_size_epochs": -1}, "final_size_epochs=-1 must be"),
-    ({"data.final_size_epochs": 1}, "needs config.data.final_image_size > 0"),
-    ({**FINAL_PHASE, "data.final_cache_shorter_side": -5}, "final_cache_shorter_side=-5"),
-    ({"data.final_image_size": 48}, "final_size_epochs=0, so no epoch would use them"),
-    ({"data.final_size_epochs": 1, "data.final_image_size": 48}, "cifar_stem=None picks"),
-  ],
-)
-def test_bad_final_phase_is_a_clear_error(data_root, tmp_path, overrides, message):
-  with pytest.raises(ValueError, match=message):
+def test_bad_final_phase_fails_before_anything_is_written(data_root, tmp_path):
+  # Every data.final_* error is `resolution.final_phase_start`'s (tests/test_data_resolution.py).
+  overrides = {"data.final_size_epochs": 1, "data.final_image_size": 48}  # cifar_stem: auto
+  with pytest.raises(ValueError, match="cifar_stem=None picks"):
     train.pretrain(tiny_config(data_root, **overrides), str(tmp_path / "run"))
   assert not os.path.exists(checkpoint.checkpoint_dir(str(tmp_path / "run")))
 
@@ -231,13 +223,13 @@ def test_final_phase_equals_resuming_at_the_larger_size(trained, tmp_path, data_
   resuming it by hand with data.image_size=48; and != the run that stayed at 32 px."""
   workdir, _ = trained
   streams = []
-  create = train.input_pipeline.create_pretrain_iterator
+  create = train.pipeline.create_pretrain_iterator
 
   def spy(config, *, seed, start_epoch=0):
     streams.append((config.data.image_size, start_epoch))
     return create(config, seed=seed, start_epoch=start_epoch)
 
-  monkeypatch.setattr(train.input_pipeline, "create_pretrain_iterator", spy)
+  monkeypatch.setattr(train.pipeline, "create_pretrain_iterator", spy)
   progressive = str(tmp_path / "progressive")
   train.pretrain(tiny_config(data_root, **FINAL_PHASE), progressive)
   assert streams == [(32, 0), (48, 1)]
@@ -262,7 +254,7 @@ def test_final_phase_equals_resuming_at_the_larger_size(trained, tmp_path, data_
   assert max(differences) > 1e-3  # epoch 2 at 48 px is not epoch 2 at 32 px
   # The probe's default test view is the last crops' size.
   saved = checkpoint.load_pretrained(progressive).config
-  assert train.input_pipeline.eval_image_size(saved.data) == 48
+  assert resolution.eval_image_size(saved.data) == 48
 
   # A crash at the boundary: the progressive config resumes on the 48 px stream, same result.
   resumed = _workdir_holding(tmp_path, "resumed", progressive, 2)
@@ -279,7 +271,7 @@ def test_all_epochs_at_the_final_size_start_on_it(data_root, tmp_path, monkeypat
     streams.append((config.data.image_size, start_epoch))
     raise InterruptedError  # enough seen: stop before compiling
 
-  monkeypatch.setattr(train.input_pipeline, "create_pretrain_iterator", spy)
+  monkeypatch.setattr(train.pipeline, "create_pretrain_iterator", spy)
   config = tiny_config(data_root, **FINAL_PHASE)
   config.data.final_size_epochs = config.num_epochs
   with pytest.raises(InterruptedError):
@@ -316,10 +308,13 @@ def _run_cli(workdir, data_root, devices, *extra):
 def test_cli_end_to_end_and_resume_on_fewer_devices(tmp_path, data_root):
   """run_pretrain.py on 4 devices writes everything; a second call on 1 device resumes.
 
-  The 4 devices come from config.num_cpu_devices, which overrides XLA_FLAGS' count of 1.
+  The 4 devices come from config.runtime.num_cpu_devices, which overrides XLA_FLAGS' count of 1.
+  The runtime is not the model: the resume does not list its change.
   """
   workdir = str(tmp_path / "cli")
-  out = _run_cli(workdir, data_root, 1, "--config.num_epochs=1", "--config.num_cpu_devices=4")
+  out = _run_cli(
+    workdir, data_root, 1, "--config.num_epochs=1", "--config.runtime.num_cpu_devices=4"
+  )
   devices = ", ".join(f"CpuDevice(id={i})" for i in range(4))
   assert f"local devices: [{devices}]" in out
   assert "Pretraining finished at step 2" in out
@@ -331,6 +326,7 @@ def test_cli_end_to_end_and_resume_on_fewer_devices(tmp_path, data_root):
   assert "local devices: [CpuDevice(id=0)]" in out
   assert "Resuming from the checkpoint of step 2" in out
   assert "changed config" in out and "num_epochs: 1 -> 2" in out
+  assert "runtime" not in out.split("changed config")[1].splitlines()[0]
   assert "Pretraining finished at step 4" in out
   assert [r.split(",")[0] for r in _history(workdir)[1:]] == ["1", "2", "3", "4"]
   assert checkpoint.load_pretrained(workdir).step == 4
@@ -355,7 +351,7 @@ def test_bad_batch_size_is_a_clear_error(data_root, tmp_path):
 
 def test_negative_cpu_device_count_is_a_clear_error(tmp_path, data_root):
   workdir = str(tmp_path / "run")
-  result = _cli(workdir, data_root, 1, "--config.num_cpu_devices=-1")
+  result = _cli(workdir, data_root, 1, "--config.runtime.num_cpu_devices=-1")
   assert result.returncode != 0
-  assert "config.num_cpu_devices must be >= 0, got -1" in result.stderr
+  assert "config.runtime.num_cpu_devices must be >= 0, got -1" in result.stderr
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))

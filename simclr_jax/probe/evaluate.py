@@ -1,18 +1,15 @@
-"""Linear evaluation of a pretraining checkpoint: frozen features, a linear probe, kNN (SimCLR §4).
+"""Linear evaluation of a pretraining checkpoint: a linear probe and kNN on frozen features.
 
-The encoder is frozen: BN runs in inference mode on its running statistics and images get the
-deterministic evaluation transform, so each image's features do not depend on the batch size or
-the device count (beyond float32 rounding: XLA picks its kernels by shape, ~1e-7 relative).
-The probe reads the encoder features h by default (the paper's protocol) or any head layer
-(SimCLR §4.2, Fig. 8; the seed's `remove_top_layers`). "Depth" below is the number of
-projection-head layers kept: 0 is h, L (the head's layer count) is z.
+SimCLR §2.3's protocol: train a linear classifier on the frozen encoder's features h of a
+labelled subset of the train split, score it on the test split. Any projection-head layer can be
+probed instead (SimCLR §4.2, Fig. 8; the PyTorch original's `remove_top_layers`); `features`
+extracts the layers, `classifiers` fits the probes, `reports` draws the results.
 
-    results = linear_eval.run_linear_probe("runs/imagenet5", label_fraction=0.1)
+    results = evaluate.run_linear_probe("runs/imagenet5", label_fraction=0.1)
 """
 
 import functools
 import json
-import math
 import os
 from typing import Any
 
@@ -20,15 +17,15 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from sklearn import metrics
 from sklearn.model_selection import train_test_split
 
-from simclr_jax import augment, checkpoint, input_pipeline, models, parallel, probe_reports, probes
+from simclr_jax import checkpoint, cpu_kernels, models
+from simclr_jax.data import resolution, sources
+from simclr_jax.probe import classifiers, features, reports
 
 CLASSIFIERS = ("logistic", "linear_sgd")
 KNN_KS = (20, 200)
-
 
 CV_DESCRIPTION = (
   "stratified k-fold CV on the labelled subset (k and C per layer under 'logistic_c'), "
@@ -37,118 +34,10 @@ CV_DESCRIPTION = (
 """How the logistic probe's C is chosen by default; recorded in results.json's settings."""
 
 
-def layer_name(depth: int, num_head_layers: int) -> str:
-  """'h' for depth 0, 'z' for the full head, else 'head layer <depth>'."""
-  if depth == 0:
-    return "h"
-  return "z" if depth == num_head_layers else f"head layer {depth}"
-
-
-def probe_depth(num_head_layers: int, remove_top_layers: int | None) -> int:
-  """Head layers kept for the seed's `remove_top_layers` K: L - K; None means h (depth 0).
-
-  Raises:
-    ValueError: K outside [0, L].
-  """
-  if remove_top_layers is None:
-    return 0
-  if not 0 <= remove_top_layers <= num_head_layers:
-    raise ValueError(
-      f"remove_top_layers={remove_top_layers} must be in [0, {num_head_layers}] (the head has "
-      f"{num_head_layers} layers; 0 keeps the full head, {num_head_layers} leaves h)."
-    )
-  return num_head_layers - remove_top_layers
-
-
-@functools.lru_cache(maxsize=8)
-def _layers_fn(model: models.SimCLRModel, depths: tuple[int, ...], normalize: bool):
-  """Pmapped frozen forward pass returning the layers at `depths`; cached so it compiles once.
-
-  `normalize`: the pretraining inputs were mean/std normalised (`config.augment.normalize`),
-  so the probe's inputs must be too.
-  """
-
-  def layers(variables, images):
-    if normalize:
-      images = augment.normalize_images(images)
-    _, aux = model.apply(variables, images, train=False)
-    every = (aux["features"], *aux["head_layers"])
-    return tuple(every[d] for d in depths)
-
-  return jax.pmap(layers)
-
-
-def extract_features(
-  model: models.SimCLRModel,
-  variables: dict[str, Any],
-  config: ml_collections.ConfigDict,
-  split: str,
-  *,
-  batch_size: int,
-  depths: tuple[int, ...] = (0,),
-  random_views: int = 0,
-  seed: int = 0,
-) -> tuple[dict[int, np.ndarray], np.ndarray]:
-  """Frozen features of every example of `split`, each exactly once (padding dropped by mask).
-
-  Args:
-    model: from `models.build_model` (any `axis_name`; BN runs on running statistics).
-    variables: {'params', 'batch_stats'} host or device arrays, unreplicated; left unchanged.
-    config: full config; reads `config.data` (see `input_pipeline.eval_dataset`).
-    split: split name, e.g. `config.data.eval_split`.
-    batch_size: global batch; rounded up to a multiple of the device count. Does not change the
-      features.
-    depths: head layers kept for each wanted layer, each in [0, L].
-    random_views: 0 for the centre view; K >= 1 for K random views per example (see
-      `input_pipeline.eval_dataset`), example i's at rows i*K .. i*K+K-1.
-    seed: seed of the random views.
-
-  Returns:
-    ({depth: float32 [N * max(1, K), D_depth]}, labels int32 [N * max(1, K)]), N the split's
-    decodable examples over all hosts, in the input pipeline's order.
-
-  Raises:
-    ValueError: the errors of `input_pipeline.create_eval_iterator` (missing root or split, ...).
-  """
-  devices = jax.device_count()
-  batch_size = math.ceil(batch_size / devices) * devices
-  batches = input_pipeline.create_eval_iterator(
-    config, split, batch_size=batch_size, random_views=random_views, seed=seed
-  )
-  apply = _layers_fn(model, tuple(depths), bool(config.augment.get("normalize", False)))
-  replicated = parallel.replicate(variables)
-  # Fetched per batch so device memory holds one batch of features, not the split's.
-  outputs = [
-    jax.device_get((apply(replicated, batch["image"]), batch["label"], batch["mask"]))
-    for batch in batches
-  ]
-
-  def rows(arrays):
-    return np.concatenate([np.reshape(a, (-1, *np.shape(a)[2:])) for a in arrays])
-
-  mask = rows([m for _, _, m in outputs])
-  labels = rows([y for _, y, _ in outputs])
-  layers = [rows([o[i] for o, _, _ in outputs]) for i in range(len(depths))]
-  if jax.process_count() > 1:
-    mask, labels, *layers = multihost_utils.process_allgather((mask, labels, *layers), tiled=True)
-  views = max(1, random_views)
-  if mask.sum() < batches.num_examples * views:
-    logging.warning(
-      "%s: %d of %d rows could be read (%d examples x %d views)",
-      split,
-      int(mask.sum()),
-      batches.num_examples * views,
-      batches.num_examples,
-      views,
-    )
-  features = {d: np.asarray(x[mask], np.float32) for d, x in zip(depths, layers, strict=True)}
-  return features, np.asarray(labels[mask], np.int32)
-
-
 def label_subset(
   labels: np.ndarray, fraction: float, *, num_classes: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-  """A stratified, seeded subset of the labelled examples (the seed's 10% protocol).
+  """A stratified, seeded subset of the labelled examples (the PyTorch original's 10% protocol).
 
   Each class keeps about `fraction` of its examples (floor or ceil, sklearn's stratified split;
   floor(fraction * N) in all).
@@ -157,7 +46,7 @@ def label_subset(
     labels: int [N] in [0, num_classes).
     fraction: in (0, 1]; 1 keeps every example.
     num_classes: number of classes C.
-    seed: seed of the draw.
+    seed: random seed of the draw.
 
   Returns:
     (indices int64 [M] sorted, counts int64 [C]: kept examples per class).
@@ -208,13 +97,13 @@ def evaluate_layer(
   Args:
     train_features: float [N, D], the labelled subset; train_labels: int [N], every class present.
     test_features: float [M, D]; test_labels: int [M].
-    num_classes: C; classifier: one of `CLASSIFIERS`; seed: seed of the SGD probe.
+    num_classes: C; classifier: one of `CLASSIFIERS`; seed: random seed of the SGD probe.
     extra_train: (float [N * K, D], int [N * K]) more training rows for the probe only: K
       augmented views of each labelled example, example-major (rows i K .. i K + K - 1 are views
       of example i); the kNN memory stays `train_features`.
     c: the logistic probe's inverse L2 strength (scikit-learn's C, > 0); None chooses it by
       cross-validation on the probe's training rows (SimCLR Appendix B.8;
-      `probes.select_logistic_c`: the views of one example stay in one fold, and only centre
+      `classifiers.select_logistic_c`: the views of one example stay in one fold, and only centre
       views are scored). Unused by 'linear_sgd'.
 
   Returns:
@@ -224,7 +113,7 @@ def evaluate_layer(
 
   Raises:
     ValueError: unknown classifier; `extra_train` not K views per example in example-major
-      order; c <= 0; and `probes.select_logistic_c`'s (a class with < 2 labelled examples).
+      order; c <= 0; and `classifiers.select_logistic_c`'s (a class with < 2 labelled examples).
   """
   probe_x, probe_y = train_features, train_labels
   n = len(train_labels)
@@ -247,44 +136,89 @@ def evaluate_layer(
   selection = None
   if classifier == "logistic":
     if c is None:
-      chosen = probes.select_logistic_c(probe_x, probe_y, groups=groups, scored=scored)
+      chosen = classifiers.select_logistic_c(probe_x, probe_y, groups=groups, scored=scored)
       c = chosen.c
       selection = {"c": chosen.c, "cv_top1": chosen.cv_top1, "folds": chosen.folds}
     else:
       selection = {"c": float(c), "cv_top1": None, "folds": None}
-    probe = probes.fit_logistic(probe_x, probe_y, c=c)
+    probe = classifiers.fit_logistic(probe_x, probe_y, c=c)
   elif classifier == "linear_sgd":
-    probe = probes.fit_linear_sgd(probe_x, probe_y, num_classes=num_classes, seed=seed)
+    probe = classifiers.fit_linear_sgd(probe_x, probe_y, num_classes=num_classes, seed=seed)
   else:
     raise ValueError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
   probabilities = probe(test_features)
-  result: dict[str, Any] = probes.accuracies(probabilities, test_labels)
+  result: dict[str, Any] = classifiers.accuracies(probabilities, test_labels)
   result["knn"] = {}
   for k in KNN_KS:
     used = min(k, len(train_labels))
-    votes = probes.knn_probabilities(train_features, train_labels, test_features, k=used)
-    result["knn"][f"k{k}"] = {"k": used, **probes.accuracies(votes, test_labels)}
+    votes = classifiers.knn_probabilities(train_features, train_labels, test_features, k=used)
+    result["knn"][f"k{k}"] = {"k": used, **classifiers.accuracies(votes, test_labels)}
   if selection is not None:
     result["logistic_c"] = selection
   return result, probabilities.argmax(axis=1)
 
 
-def _data_config(pretrained: checkpoint.Pretrained, data_root: str | None):
-  """The pretraining config with `data_root` swapped in, and its class names, checked.
+def plan_c_selection(
+  counts: np.ndarray, class_names: list[str], *, probe_c: float | None, label_fraction: float
+) -> tuple[float | None, str]:
+  """How the logistic probe's C is chosen for these labelled images (SimCLR Appendix B.8).
 
-  A run trained with model.conv_impl='onednn' is probed with 'auto' (XLA's convolutions where
-  oneDNN's cannot run, e.g. on a GPU or a host without libdnnl-dev; the features are the same up
-  to float32 rounding)."""
+  Stratified k-fold cross-validation needs every class in every fold, so k falls from
+  `classifiers.CV_FOLDS` to the smallest class's count (`classifiers.cv_folds`); a class with a
+  single labelled image leaves no k-fold split, so C falls back to `classifiers.DEFAULT_C`. Either
+  change logs a warning naming the class instead of stopping the probe.
+
+  Args:
+    counts: int [C], labelled images per class, each >= 1 (from `label_subset`).
+    class_names: the C class names, in label order.
+    probe_c: the caller's fixed C (> 0), or None to choose it by cross-validation.
+    label_fraction: the fraction that gave `counts`, for the warnings.
+
+  Returns:
+    (c, selection): c the fixed C for `evaluate_layer` (None: chosen by cross-validation per
+    layer); selection says how, for results.json's settings: 'fixed' (the caller's),
+    `CV_DESCRIPTION`, or 'fixed: class <name> has 1 labelled image ...' (the fallback).
+  """
+  if probe_c is not None:
+    return probe_c, "fixed"
+  name, smallest = class_names[int(np.argmin(counts))], int(np.min(counts))
+  k = classifiers.cv_folds(counts)
+  if k < 2:
+    logging.warning(
+      "Class %r has %d labelled image at label_fraction=%g, too few to choose the probe's C by "
+      "cross-validation; using C = %g (scikit-learn's default).",
+      name,
+      smallest,
+      label_fraction,
+      classifiers.DEFAULT_C,
+    )
+    return classifiers.DEFAULT_C, (
+      f"fixed: class {name!r} has {smallest} labelled image at label_fraction={label_fraction}, "
+      f"too few for cross-validation; C = {classifiers.DEFAULT_C:g}, scikit-learn's default"
+    )
+  if k < classifiers.CV_FOLDS:
+    logging.warning(
+      "Class %r has %d labelled images at label_fraction=%g: the probe's C is chosen by %d-fold "
+      "instead of %d-fold cross-validation.",
+      name,
+      smallest,
+      label_fraction,
+      k,
+      classifiers.CV_FOLDS,
+    )
+  return None, CV_DESCRIPTION
+
+
+def _data_config(pretrained: checkpoint.Pretrained, data_root: str | None):
+  """The pretraining config with `data_root` swapped in, and its class names, checked."""
   config = ml_collections.ConfigDict(pretrained.config.to_dict())
-  if config.model.get("conv_impl") == "onednn":
-    config.model.conv_impl = "auto"  # speed only: XLA's where oneDNN cannot run (another host)
   if data_root:
     if config.data.source == "tfds":
       config.data.tfds_data_dir = data_root
     else:
       config.data.root = data_root
   try:
-    names = input_pipeline.get_class_names(config.data)
+    names = sources.get_class_names(config.data)
   except ValueError as e:
     raise ValueError(
       f"{e} (data root from {'data_root' if data_root else 'the checkpoint'})"
@@ -315,8 +249,9 @@ def run_linear_probe(
   crop_fraction: float | None = None,
   train_views: int = 0,
   probe_c: float | None = None,
+  conv_impl: str = "auto",
 ) -> dict[str, Any]:
-  """Linear evaluation of a pretraining run, from its checkpoint alone (SimCLR §4; the seed's).
+  """Linear evaluation of a pretraining run, from its checkpoint alone (SimCLR §2.3).
 
   Trains the probe on the train split's features (a `label_fraction` subset of the labels) and
   scores it on the test split (`config.data.eval_split`), every test example once.
@@ -328,9 +263,10 @@ def run_linear_probe(
     label_fraction: in (0, 1], stratified and seeded by `seed`.
     remove_top_layers: probe the head with its top K layers dropped (K = 0: z); None probes h.
     sweep_layers: also evaluate every depth from h to z and draw `acc_vs_layer.png`.
-    classifier: 'logistic' (scikit-learn, the seed's) or 'linear_sgd' (optax, the paper's).
+    classifier: 'logistic' (scikit-learn, the PyTorch original's) or 'linear_sgd' (optax, the
+      paper's, SimCLR Appendix B.6).
     batch_size: feature-extraction batch; does not change the features.
-    seed: seed of the label subset and of the SGD probe.
+    seed: random seed of the label subset and of the SGD probe.
     output_dir: where to write; default `<workdir>/linear`.
     image_size: side in px of the test view for train and test features; None keeps the
       checkpoint config's `data.eval_image_size` (0 there: the last pretraining crop size). A value
@@ -344,10 +280,13 @@ def run_linear_probe(
       training; 0 trains on the centre views only. kNN always uses the centre views.
     probe_c: the logistic probe's inverse L2 strength (scikit-learn's C, > 0); None (default)
       chooses it per layer by cross-validation on the labelled subset alone, from SimCLR
-      Appendix B.8's 45 L2 strengths (`probes.select_logistic_c`: 5 folds, fewer for classes
+      Appendix B.8's 45 L2 strengths (`classifiers.select_logistic_c`: 5 folds, fewer for classes
       under 5 labelled images; with `train_views`, the views of an image stay in its fold and
-      only centre views are scored; each layer's C is in the results); 1.0 is scikit-learn's
-      default, the seed's.
+      only centre views are scored; each layer's C is in the results). A class with a single
+      labelled image leaves no k-fold split: C is then 1.0 (see `plan_c_selection`). 1.0 is
+      scikit-learn's default, the PyTorch original's.
+    conv_impl: `runtime.conv_impl` of the feature extraction (`cpu_kernels.make_ops`), whatever
+      the run was trained with; speed only.
 
   Returns:
     The contents of `results.json`: 'settings', 'top1' (and 'top5' with >= 10 classes), 'knn',
@@ -358,8 +297,7 @@ def run_linear_probe(
     FileNotFoundError: no checkpoint (or not that step) in `workdir`.
     ValueError: classes of the data differ from the checkpoint's, bad label fraction,
       `remove_top_layers`, classifier, `image_size` (< 1), `crop_fraction` (outside (0, 1]) or
-      `train_views` (< 0), `probe_c` (<= 0), fewer than 2 labelled images of a class when C is
-      chosen by cross-validation, and the input pipeline's errors.
+      `train_views` (< 0), `probe_c` (<= 0), and the input pipeline's errors.
   """
   if classifier not in CLASSIFIERS:
     raise ValueError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
@@ -379,21 +317,23 @@ def run_linear_probe(
     config.data.eval_crop_fraction = crop_fraction
   num_classes = len(class_names)
   num_layers = config.model.head.num_layers
-  depth = probe_depth(num_layers, remove_top_layers)
+  depth = features.probe_depth(num_layers, remove_top_layers)
   depths = tuple(range(num_layers + 1)) if sweep_layers else (depth,)
 
-  model = models.build_model(config.model, image_size=config.data.image_size)
+  ops = cpu_kernels.make_ops(
+    ml_collections.ConfigDict(dict(conv_impl=conv_impl)), dtype=config.model.dtype
+  )
+  model = models.build_model(config.model, image_size=config.data.image_size, ops=ops)
   variables = {"params": pretrained.params, "batch_stats": pretrained.batch_stats}
   extract = functools.partial(
-    extract_features, model, variables, config, batch_size=batch_size, depths=depths
+    features.extract_features, model, variables, config, batch_size=batch_size, depths=depths
   )
   train_features, train_labels = extract(config.data.train_split)
   subset, counts = label_subset(train_labels, label_fraction, num_classes=num_classes, seed=seed)
-  if classifier == "logistic" and probe_c is None and counts.min() < 2:
-    raise ValueError(
-      f"Class {class_names[int(counts.argmin())]!r} has {int(counts.min())} labelled image(s) at "
-      f"label_fraction={label_fraction}; choosing the probe's C by cross-validation needs >= 2. "
-      "Raise label_fraction or pass a fixed probe_c (--probe_c)."
+  c, c_selection = None, None
+  if classifier == "logistic":
+    c, c_selection = plan_c_selection(
+      counts, class_names, probe_c=probe_c, label_fraction=label_fraction
     )
   test_features, test_labels = extract(config.data.eval_split)
   extra = {d: None for d in depths}
@@ -415,12 +355,9 @@ def run_linear_probe(
       classifier=classifier,
       seed=seed,
       extra_train=extra[d],
-      c=probe_c,
+      c=c,
     )
   result, predictions = evaluations[depth]
-  c_selection = None
-  if classifier == "logistic":
-    c_selection = "fixed" if probe_c is not None else CV_DESCRIPTION
   results: dict[str, Any] = {
     "settings": {
       "workdir": os.path.abspath(workdir),
@@ -430,22 +367,22 @@ def run_linear_probe(
       "train_split": config.data.train_split,
       "test_split": config.data.eval_split,
       "image_size": config.data.image_size,
-      "last_crop_size": input_pipeline.last_crop_size(config.data),
-      "eval_image_size": input_pipeline.eval_image_size(config.data),
-      "eval_crop_fraction": input_pipeline.eval_crop_fraction(config.data),
+      "last_crop_size": resolution.last_crop_size(config.data),
+      "eval_image_size": resolution.eval_image_size(config.data),
+      "eval_crop_fraction": resolution.eval_crop_fraction(config.data),
       "train_views": train_views,
       "probe_train_rows": len(subset) + (len(extra[depth][1]) if train_views else 0),
       "classifier": classifier,
-      "probe_c": None if classifier != "logistic" else probe_c,
+      "probe_c": c,
       "probe_c_selection": c_selection,
-      "layer": layer_name(depth, num_layers),
+      "layer": features.layer_name(depth, num_layers),
       "head_layers_kept": depth,
       "remove_top_layers": num_layers - depth,
       "feature_dim": int(train_features[depth].shape[1]),
       "label_fraction": label_fraction,
       "seed": seed,
       "batch_size": batch_size,
-      "knn_temperature": probes.KNN_TEMPERATURE,
+      "knn_temperature": classifiers.KNN_TEMPERATURE,
       "num_train": len(train_labels),
       "num_labelled": len(subset),
       "labelled_per_class": dict(zip(class_names, counts.tolist(), strict=True)),
@@ -453,7 +390,7 @@ def run_linear_probe(
       "num_classes": num_classes,
     },
     **result,
-    "per_class": probe_reports.classification_table(test_labels, predictions, class_names),
+    "per_class": reports.classification_table(test_labels, predictions, class_names),
     "confusion_matrix": metrics.confusion_matrix(
       test_labels, predictions, labels=np.arange(num_classes)
     ).tolist(),
@@ -463,13 +400,13 @@ def run_linear_probe(
       {
         "head_layers_kept": d,
         "remove_top_layers": num_layers - d,
-        "layer": layer_name(d, num_layers),
+        "layer": features.layer_name(d, num_layers),
         "feature_dim": int(train_features[d].shape[1]),
         **evaluations[d][0],
       }
       for d in depths
     ]
-  results["report_markdown"] = probe_reports.markdown_table(results["per_class"])
+  results["report_markdown"] = reports.markdown_table(results["per_class"])
   results["files"] = {}
   if jax.process_index() == 0:
     _write_outputs(results, output_dir or os.path.join(workdir, "linear"), class_names)
@@ -483,7 +420,7 @@ def _write_outputs(results: dict[str, Any], output_dir: str, class_names: list[s
   files = results["files"]
   files["results"] = os.path.join(output_dir, "results.json")
   files["confusion_matrix"] = os.path.join(output_dir, "confusion_matrix.png")
-  probe_reports.plot_confusion_matrix(
+  reports.plot_confusion_matrix(
     np.asarray(results["confusion_matrix"]),
     class_names,
     files["confusion_matrix"],
@@ -491,7 +428,7 @@ def _write_outputs(results: dict[str, Any], output_dir: str, class_names: list[s
   )
   if "sweep" in results:
     files["acc_vs_layer"] = os.path.join(output_dir, "acc_vs_layer.png")
-    probe_reports.plot_accuracy_vs_layer(
+    reports.plot_accuracy_vs_layer(
       results["sweep"],
       files["acc_vs_layer"],
       classifier=settings["classifier"],

@@ -1,8 +1,9 @@
-"""Classifiers on frozen features: the linear probes and a weighted kNN (SimCLR §4; the seed's).
+"""Classifiers on frozen features: the linear probes and a weighted kNN (SimCLR §2.3, B.6, B.8).
 
 Each takes feature arrays, not images: `fit_*` train on labelled features [N, D] and return a
 `Probe`, `knn_probabilities` votes directly. Labels are int in [0, C) and must cover every class,
-so probability columns are the classes in order.
+so probability columns are the classes in order. `fit_logistic` is the PyTorch original's probe,
+`fit_linear_sgd` the paper's ImageNet one; `select_logistic_c` chooses the former's L2 strength.
 """
 
 import warnings
@@ -29,22 +30,29 @@ L2_GRID = np.logspace(-6.0, 5.0, 45)
 """The L2 strengths lambda searched for the logistic probe: 45 log-spaced values in [1e-6, 1e5]
 (SimCLR Appendix B.8, "Linear evaluation" of transfer learning)."""
 
+CV_FOLDS = 5
+"""k of the k-fold cross-validation that chooses the logistic probe's C, before `cv_folds`."""
+
+DEFAULT_C = 1.0
+"""scikit-learn's default C, the PyTorch original's; the probe's C when cross-validation cannot
+run (a class with a single labelled image)."""
+
 Probe = Callable[[np.ndarray], np.ndarray]
 """Maps float32 features [N, D] to class probabilities float [N, C]."""
 
 
 def fit_logistic(
-  features: np.ndarray, labels: np.ndarray, *, c: float = 1.0, max_iter: int = 1000
+  features: np.ndarray, labels: np.ndarray, *, c: float = DEFAULT_C, max_iter: int = 1000
 ) -> Probe:
-  """Multinomial logistic regression (L-BFGS, L2) on standardised features: the seed's probe.
+  """Multinomial logistic regression (L-BFGS, L2) on standardised features.
 
-  Also the paper's probe for transfer learning (SimCLR Appendix B.8).
+  The PyTorch original's probe, and the paper's for transfer learning (SimCLR Appendix B.8).
 
   Args:
     features: float [N, D].
     labels: int [N], covering every class.
-    c: scikit-learn's inverse L2 strength, > 0 (1.0, its default, is the seed's;
-      `select_logistic_c` picks it as the paper does). Not the class count C.
+    c: scikit-learn's inverse L2 strength, > 0 (`DEFAULT_C`, scikit-learn's default, is the
+      PyTorch original's; `select_logistic_c` picks it as the paper does). Not the class count C.
     max_iter: L-BFGS iterations.
 
   Returns:
@@ -64,7 +72,29 @@ class CSelection(NamedTuple):
   """Mean validation accuracy of that C over the folds, in [0, 1]. The maximum over the grid,
   so an optimistic estimate of the probe's accuracy."""
   folds: int
-  """k, the number of folds used (`folds`, or fewer for small classes)."""
+  """k, the number of folds used (`folds`, or fewer for small classes: `cv_folds`)."""
+
+
+def cv_folds(class_counts: np.ndarray, folds: int = CV_FOLDS) -> int:
+  """k for stratified k-fold CV over classes of these sizes: min(folds, the smallest class).
+
+  Every fold must hold an example of every class, so k cannot exceed the smallest class.
+
+  Args:
+    class_counts: int [C], examples (or groups of examples) per class, each >= 0.
+    folds: the k wanted, >= 2.
+
+  Returns:
+    k in [0, folds]; k < 2 (a class with fewer than 2 examples) means no k-fold split exists.
+
+  Raises:
+    ValueError: folds < 2, or no classes.
+  """
+  if folds < 2:
+    raise ValueError(f"folds={folds} must be >= 2.")
+  if len(class_counts) == 0:
+    raise ValueError("cv_folds needs at least one class.")
+  return min(folds, int(np.min(class_counts)))
 
 
 def select_logistic_c(
@@ -73,7 +103,7 @@ def select_logistic_c(
   *,
   groups: np.ndarray | None = None,
   scored: np.ndarray | None = None,
-  folds: int = 5,
+  folds: int = CV_FOLDS,
   lambdas: np.ndarray = L2_GRID,
   max_iter: int = 1000,
 ) -> CSelection:
@@ -81,7 +111,7 @@ def select_logistic_c(
 
   SimCLR Appendix B.8 selects the L2 regularisation of its logistic-regression probe from 45
   log-spaced values in [1e-6, 1e5] on held-out labelled data; here that is stratified k-fold CV
-  (split seed 0) on the probe's own training rows, so the test split is never seen. The paper
+  (split random seed 0) on the probe's own training rows, so the test split is never seen. The paper
   does not give the scale of its lambda; we read it as weighing a mean loss (mean CE +
   lambda/2 |w|^2), while scikit-learn's C weighs a summed one (C sum CE + 1/2 |w|^2, intercept
   not penalised), so C = 1 / (lambda N) with N the number of rows (on a fold's (k-1)/k share of
@@ -98,7 +128,7 @@ def select_logistic_c(
     scored: bool [N] or None (all rows): the validation rows that count; e.g. only the centre
       views, the view the test split is read at, when the others are augmented copies.
     folds: k >= 2; lowered to the smallest class count (with groups, the smallest number of
-      groups of a class) when that is smaller.
+      groups of a class) when that is smaller (`cv_folds`).
     lambdas: the L2 strengths searched, non-empty, all > 0.
     max_iter: L-BFGS iterations per fit.
 
@@ -110,8 +140,6 @@ def select_logistic_c(
       < 2; empty or non-positive lambdas; a fold without scored rows; and scikit-learn's own
       (e.g. groups or scored of the wrong length).
   """
-  if folds < 2:
-    raise ValueError(f"folds={folds} must be >= 2.")
   lambdas = np.asarray(lambdas, np.float64)
   if lambdas.size == 0 or not np.all(lambdas > 0):
     raise ValueError(f"lambdas must be non-empty and all > 0; got {lambdas}.")
@@ -120,13 +148,12 @@ def select_logistic_c(
     per_class = np.bincount(np.searchsorted(classes, labels))
   else:
     per_class = np.array([len(np.unique(groups[labels == c])) for c in classes])
-  smallest = int(per_class.min())
-  if smallest < 2:
+  k = cv_folds(per_class, folds)
+  if k < 2:
     raise ValueError(
       f"Choosing the probe's C by cross-validation needs >= 2 labelled images per class; class "
-      f"{classes[per_class.argmin()]} has {smallest}. Pass a fixed C (--probe_c) instead."
+      f"{classes[per_class.argmin()]} has {k}. Pass a fixed C (--probe_c) instead."
     )
-  k = min(folds, smallest)
   if groups is None:
     splits = StratifiedKFold(k, shuffle=True, random_state=0).split(features, labels)
   else:
@@ -177,7 +204,7 @@ def fit_linear_sgd(
   Args:
     features: float [N, D]; labels: int [N] in [0, num_classes).
     num_classes: C, the number of output logits.
-    seed: seed of the shuffles.
+    seed: random seed of the shuffles.
     epochs: passes over the N examples.
     batch_size: examples per step (capped at N).
     base_lr: learning rate per 256 examples of batch.

@@ -1,7 +1,7 @@
 // oneDNN convolution forward, backward-data and backward-weights as XLA FFI handlers, so that
-// `models.Conv(impl="onednn")` runs on the library PyTorch's CPU convolutions use.
+// `cpu_kernels.conv.Conv(impl="onednn")` runs on the library PyTorch's CPU convolutions use.
 // NHWC activations, HWIO kernels, float32, symmetric zero padding, equal strides in H and W.
-// Built on first use and loaded by simclr_jax/onednn.py (g++, Debian's libdnnl-dev 2.6, jaxlib's
+// Built on first use and loaded by simclr_jax/cpu_kernels/onednn.py (g++, Debian's libdnnl-dev 2.6, jaxlib's
 // FFI headers). oneDNN's primitive cache keeps the JIT-compiled kernels between calls; the
 // primitive descriptors are rebuilt at each call (microseconds).
 #include <cstdint>

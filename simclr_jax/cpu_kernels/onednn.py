@@ -1,13 +1,11 @@
-"""2-D convolutions on oneDNN through XLA FFI custom calls: a faster CPU path for `models.Conv`.
+"""2-D convolutions on oneDNN, the library under PyTorch's CPU convolutions, via XLA FFI.
 
-XLA's CPU convolutions (YNNPACK in jaxlib 0.10) are 1.2-2.6x slower per ResNet-18 layer than
-oneDNN's, the library PyTorch's CPU convolutions run on, and jaxlib's wheel has no oneDNN path
-(docs/benchmarks.md, sessions 7 and 9). `conv2d` calls oneDNN's forward, backward-data and
-backward-weights primitives (`onednn_conv.cc`) as XLA FFI custom calls under a `jax.custom_vjp`.
-The library is compiled with g++ on first use into `$SIMCLR_JAX_CACHE` (default
-`~/.cache/simclr_jax`) and needs Debian's `libdnnl-dev` (oneDNN 2.6) and `g++`. CPU only,
-float32 only. Selected by `config.model.conv_impl = "onednn"`, or by "auto" where it can run
-(`models.resolve_conv_impl`).
+`conv2d` calls oneDNN's forward, backward-data and backward-weights primitives
+(`onednn_conv.cc`) as XLA FFI custom calls under a `jax.custom_vjp`; jaxlib's CPU backend has no
+oneDNN path of its own. The library is compiled with g++ on first use into `$SIMCLR_JAX_CACHE`
+(default `~/.cache/simclr_jax`) and needs Debian's `libdnnl-dev` (oneDNN 2.x) and `g++`.
+CPU only, float32 only. Chosen by `runtime.conv_impl = "onednn"`, or "auto" where it can run
+(`cpu_kernels.make_ops`). Speed comparisons: docs/benchmarks.md.
 """
 
 import ctypes
@@ -96,7 +94,7 @@ def register() -> str:
     RuntimeError: g++ is missing, the build failed (e.g. oneDNN's headers are not installed:
       `apt-get install libdnnl-dev g++`; the message holds the compiler's output), the cache
       directory cannot be written, or the library cannot be loaded or registered. Failures are
-      not cached: the next call tries again (`models.resolve_conv_impl` asks once per process).
+      not cached: the next call tries again (`cpu_kernels.make_ops` asks once per process).
   """
   library = library_path()
   try:
@@ -123,7 +121,7 @@ def _call(name, shape, a, b, stride, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: int) -> jnp.ndarray:
-  """2-D convolution (cross-correlation) on oneDNN; same contract as `models.conv2d`.
+  """2-D convolution (cross-correlation) on oneDNN; same contract as `cpu_kernels.conv.conv2d`.
 
   Args:
     x: float32 [N, H, W, C_in].
@@ -147,8 +145,8 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: int) -> jn
 def _forward(x, kernel, stride, padding):
   if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
     raise ValueError(
-      f"model.conv_impl='onednn' computes in float32; got x {x.dtype}, kernel {kernel.dtype} "
-      "(set model.dtype='float32' or conv_impl='xla')."
+      f"runtime.conv_impl='onednn' computes in float32; got x {x.dtype}, kernel {kernel.dtype} "
+      "(set model.dtype='float32' or runtime.conv_impl='xla')."
     )
   register()
   n, h, w, _ = x.shape

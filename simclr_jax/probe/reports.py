@@ -1,7 +1,7 @@
 """Reports of the linear probe: the per-class table, the confusion matrix and accuracy per layer.
 
 The per-class table is scikit-learn's classification report written as Markdown, as in the
-seed's README; the figures are matplotlib PNGs written atomically.
+PyTorch original's README; the figures are matplotlib PNGs written atomically.
 """
 
 import os
@@ -87,11 +87,13 @@ def plot_confusion_matrix(
 def plot_accuracy_vs_layer(
   sweep: list[dict[str, Any]], path: str, *, classifier: str, chance: float
 ) -> None:
-  """Writes top-1 accuracy against the number of head layers kept (0: h), as the seed's plot.
+  """Writes top-1 accuracy against the number of head layers kept (0: h) as a PNG.
+
+  The PyTorch original's plot; SimCLR §4.2 (Fig. 8) compares the same layers.
 
   Args:
     sweep: one entry per depth with 'head_layers_kept', 'layer', 'top1' and
-      'knn': {'k<k>': {'k', 'top1'}}, from `linear_eval.run_linear_probe`.
+      'knn': {'k<k>': {'k', 'top1'}}, from `evaluate.run_linear_probe`.
     classifier: the probe's name, for the legend.
     chance: accuracy of guessing, 1 / classes, drawn as a dotted line.
   """
@@ -119,6 +121,7 @@ def plot_accuracy_vs_layer(
 def format_summary(results: dict[str, Any]) -> str:
   """The probe's results as text for a terminal: settings, table, accuracies, sweep, files."""
   s = results["settings"]
+  selection = s.get("probe_c_selection")
   per_class = ", ".join(f"{k} {v}" for k, v in s["labelled_per_class"].items())
   lines = [
     f"Checkpoint step {s['step']} of {s['workdir']}; data {s['data_root']}",
@@ -140,26 +143,29 @@ def format_summary(results: dict[str, Any]) -> str:
     "",
     results["report_markdown"],
     "",
-    _accuracy_line(f"{s['classifier']} probe", results) + _c_text(results),
+    _accuracy_line(f"{s['classifier']} probe", results) + _c_text(results, selection),
   ]
   lines += [_accuracy_line(f"kNN (k={v['k']})", v) for v in results["knn"].values()]
   for p in results.get("sweep", []):
     knn = ", ".join(f"kNN k={v['k']} {v['top1']:.2%}" for v in p["knn"].values())
     lines.append(
       f"  {p['head_layers_kept']} head layers kept ({p['layer']}): top-1 {p['top1']:.2%}"
-      f"{_c_text(p)}; {knn}"
+      f"{_c_text(p, selection)}; {knn}"
     )
   lines += [f"Wrote {path}" for path in results["files"].values()]
   return "\n".join(lines)
 
 
-def _c_text(scores: dict[str, Any]) -> str:
-  """' (C = ..., how chosen)' for a logistic probe's result, '' otherwise."""
+def _c_text(scores: dict[str, Any], selection: str | None = None) -> str:
+  """' (C = ..., how chosen)' for a logistic probe's result, '' otherwise.
+
+  `selection`: the settings' 'probe_c_selection', which says why a fixed C was fixed.
+  """
   chosen = scores.get("logistic_c")
   if chosen is None:
     return ""
   if chosen["cv_top1"] is None:
-    return f" (C = {chosen['c']:.3g}, fixed)"
+    return f" (C = {chosen['c']:.3g}, {selection or 'fixed'})"
   cv = f"{chosen['cv_top1']:.2%}"
   return (
     f" (C = {chosen['c']:.3g}, chosen by {chosen['folds']}-fold CV on the labelled images: "

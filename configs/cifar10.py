@@ -10,7 +10,7 @@ JPEG folders (unpack ../shared/data/cifar10-jpg.tar.gz outside the repository; R
 or TFDS's cifar10 from a local data directory:
 `--config.data.source=tfds --config.data.tfds_name=cifar10 --config.data.tfds_data_dir=DIR`.
 
-Result: not yet run in this project (no GPU has been lent to it).
+Result: none yet.
 """
 
 from configs import default

@@ -2,6 +2,8 @@
 
     python run_pretrain.py --config configs/default.py --workdir /tmp/simclr \
         --config.data.root=/path/to/imagefolder
+
+Result: none yet in this project (it needs accelerators); every other config starts from it.
 """
 
 import ml_collections

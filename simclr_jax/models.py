@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from simclr_jax.data import resolution
+
 ModuleDef = Any
 Dtype = Any
 
@@ -258,7 +260,7 @@ def build_model(
 
   Args:
     model_config: fields depth (18, 34, 50, 101, 152), width_multiplier (> 0), cifar_stem (bool,
-      or None: CIFAR stem iff image_size <= 32), dtype ('float32' or 'bfloat16'), bn_momentum,
+      or None: `resolution.uses_cifar_stem`), dtype ('float32' or 'bfloat16'), bn_momentum,
       bn_epsilon, head.preset ('simclr' or 'pytorch_original'), head.num_layers (>= 1),
       head.hidden_dim (0: the feature width C), head.output_dim. Other fields are ignored.
     image_size: side in px of the training images.
@@ -280,7 +282,7 @@ def build_model(
   if head_config.num_layers < 1:
     raise ValueError(f"model.head.num_layers={head_config.num_layers!r} must be >= 1")
   m = model_config
-  cifar_stem = image_size <= 32 if m.cifar_stem is None else bool(m.cifar_stem)
+  cifar_stem = resolution.uses_cifar_stem(m.cifar_stem, image_size)
   bn = dict(
     bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, dtype=DTYPES[m.dtype], axis_name=axis_name
   )

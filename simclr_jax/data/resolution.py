@@ -9,6 +9,15 @@ All sizes are sides of square images in px; the functions read a config and touc
 
 import ml_collections
 
+CIFAR_SIZE = 32
+"""Images of at most this many px are CIFAR-sized: the encoder gets the CIFAR stem (SimCLR §B.9,
+unless ``model.cifar_stem`` says otherwise) and the test view is the whole image."""
+
+
+def uses_cifar_stem(cifar_stem: bool | None, image_size: int) -> bool:
+  """``model.cifar_stem``, or for None whether ``image_size`` (px) is at most `CIFAR_SIZE`."""
+  return image_size <= CIFAR_SIZE if cifar_stem is None else bool(cifar_stem)
+
 
 def final_phase_start(config: ml_collections.ConfigDict) -> int | None:
   """The first (0-based) epoch cropped at ``data.final_image_size``, or None without that phase.
@@ -59,7 +68,8 @@ def final_phase_start(config: ml_collections.ConfigDict) -> int | None:
       f"config.data.final_size_epochs={epochs} needs config.data.final_image_size > 0 (px), "
       f"got {size}."
     )
-  if config.model.get("cifar_stem") is None and (data.image_size <= 32) != (size <= 32):
+  stem = config.model.get("cifar_stem")
+  if stem is None and uses_cifar_stem(None, data.image_size) != uses_cifar_stem(None, size):
     raise ValueError(
       f"config.model.cifar_stem=None picks the stem from data.image_size={data.image_size} "
       f"(CIFAR stem iff <= 32 px), which does not suit data.final_image_size={size}; set "
@@ -106,7 +116,7 @@ def eval_crop_fraction(data_config: ml_collections.ConfigDict) -> float:
   (`last_crop_size`) are at most 32 px, as SimCLR's reference code disables test cropping for
   CIFAR-sized images.
   """
-  return 1.0 if last_crop_size(data_config) <= 32 else data_config.eval_crop_fraction
+  return 1.0 if last_crop_size(data_config) <= CIFAR_SIZE else data_config.eval_crop_fraction
 
 
 def eval_image_size(data_config: ml_collections.ConfigDict) -> int:

@@ -19,6 +19,12 @@ flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (one pr
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--multihost).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (--multihost).")
 flags.DEFINE_integer("process_id", None, "This process's index (--multihost).")
+flags.DEFINE_float(
+  "sync_timeout",
+  600.0,
+  "Seconds a process waits for the others where all must meet (first step, each checkpoint "
+  "save or restore) before it stops with an error and its thread stacks; 0: no limit.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -66,7 +72,16 @@ def main(argv):
       jax.default_backend(),
     )
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  summary = train.pretrain(FLAGS.config, FLAGS.workdir)
+  try:
+    summary = train.pretrain(FLAGS.config, FLAGS.workdir, sync_timeout_s=FLAGS.sync_timeout)
+  except BaseException:
+    if jax.process_count() == 1:
+      raise
+    # Exiting normally would wait for the other processes (jax.distributed's exit handler),
+    # which may be waiting for this one.
+    logging.exception("Process %d of %d failed", jax.process_index(), jax.process_count())
+    logging.flush()
+    os._exit(1)
   logging.info("Done: %s", summary)
   if summary["already_complete"]:
     print(f"Nothing to train: {FLAGS.workdir} already holds the final step {summary['step']}.")

@@ -4,8 +4,14 @@ One `jax.pmap` call site over all local devices (axis name `batch`): both views 
 batch go through the encoder as one batch, batch-norm statistics are synced across devices,
 the NT-Xent loss takes its negatives from the global batch, gradients are averaged with
 `lax.pmean`, and the state is donated. The augmentation key of each image is folded from the step
-and its index in the global batch, so the draws do not depend on the device count and a resumed
-run continues the same random stream.
+and its index in the global batch, so the draws depend neither on the device count nor on the
+process count, and a resumed run continues the same random stream.
+
+On several processes (`run_pretrain.py --multihost`) every process runs this same loop on its
+share of each batch: all of them compile the step and wait for each other before the first one
+(`parallel.sync_processes`), and save each checkpoint together (only process 0 writes the training
+log), each save under `parallel.watchdog`, so a process that never arrives stops the others with
+an error instead of a silent wait.
 """
 
 import time
@@ -58,6 +64,52 @@ def create_train_state(
   )
 
 
+def augment_step_views(
+  config: ml_collections.ConfigDict,
+  rng: jax.Array,
+  step: jax.Array,
+  batch: dict[str, jax.Array],
+  *,
+  loop: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """The two augmented views of one device's share of a step's batch; call inside the pmap.
+
+  Each example's draws are keyed by ``(rng, step, its index in the global batch)`` only, so an
+  image gets the same views on 1 device, N devices or N processes (SimCLR Appendix A's
+  augmentations, `augment.augment_views`).
+
+  Args:
+    config: full config; reads ``augment``.
+    rng: the run's augmentation key, the same on every device.
+    step: int scalar, the optimiser step about to be taken (0 for the first).
+    batch: ``view1``, ``view2`` float32 ``[per_device, H, W, 3]`` in [0, 1] and ``example_id``
+      int32 ``[per_device]`` (the pipeline's, `parallel.example_ids`). Without ``example_id``
+      the one-process layout is assumed: device ``axis_index`` holds examples
+      ``axis_index * per_device + i``.
+    loop: `augment.augment_batch`'s ``loop`` (speed only).
+
+  Returns:
+    ``(view1, view2)``, float32 ``[per_device, H, W, 3]``.
+
+  Raises:
+    ValueError: no ``example_id`` in a run of several processes (when traced).
+  """
+  ids = batch.get("example_id")
+  if ids is None:
+    if jax.process_count() > 1:
+      raise ValueError("with several processes the batch must carry 'example_id'")
+    per_device = batch["view1"].shape[0]
+    ids = jax.lax.axis_index(parallel.AXIS_NAME) * per_device + jnp.arange(per_device)
+  return augment.augment_views(
+    jax.random.fold_in(rng, step),
+    batch["view1"],
+    batch["view2"],
+    config.augment,
+    example_ids=ids,
+    loop=loop,
+  )
+
+
 def make_train_step(
   config: ml_collections.ConfigDict,
   schedule: optax.Schedule,
@@ -71,7 +123,8 @@ def make_train_step(
   `loop` (speed only: `cpu_kernels.Ops.sequential_augment`).
 
   `state` is replicated ([devices, ...] leaves) and donated; `batch` holds `view1`, `view2`:
-  float32 [devices, per_device, H, W, 3] in [0, 1]; `rng` is one key shared by all devices.
+  float32 [devices, per_device, H, W, 3] in [0, 1], and `example_id` int32 [devices, per_device]
+  (optional on one process, see `augment_step_views`); `rng` is one key shared by all devices.
   Metrics are global-batch scalars, identical on every device: `loss`,
   `contrastive_accuracy`, `positive_similarity`, `negative_similarity`, `learning_rate`.
   The leading batch axis must equal the number of devices (pmap raises a ValueError otherwise);
@@ -79,18 +132,7 @@ def make_train_step(
   """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-    # Keys per (step, global example index): the same draws however the batch is split over
-    # devices or hosts, so a run resumed on another device count continues the same stream.
-    per_device = batch["view1"].shape[0]
-    first = jax.lax.axis_index(parallel.AXIS_NAME) * per_device  # pmap's axis spans every host
-    view1, view2 = augment.augment_views(
-      jax.random.fold_in(rng, state.step),
-      batch["view1"],
-      batch["view2"],
-      config.augment,
-      example_ids=first + jnp.arange(per_device),
-      loop=sequential_augment,
-    )
+    view1, view2 = augment_step_views(config, rng, state.step, batch, loop=sequential_augment)
     images = jnp.concatenate([view1, view2], axis=0)
 
     def loss_fn(params):
@@ -130,11 +172,31 @@ def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
   }
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+SYNC_TIMEOUT_S = 600.0
+"""Default seconds `pretrain` waits at a point every process must reach together."""
+
+
+def pretrain(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  sync_timeout_s: float | None = SYNC_TIMEOUT_S,
+) -> dict[str, Any]:
   """Pretrains (or resumes) a SimCLR model as configured; writes everything under `workdir`.
 
   Writes: `checkpoints/` (Orbax, every `checkpoint_every_epochs` and at the end),
-  `loss_history.csv`, `training_losses.png`, `tensorboard/`.
+  `loss_history.csv`, `training_losses.png`, `tensorboard/` (the last three on process 0 only).
+  Every process must call it with the same config and workdir; each returns the same summary.
+
+  Args:
+    config: full config (`configs/default.py`).
+    workdir: where everything goes; shared by all processes.
+    sync_timeout_s: seconds allowed for each step that all processes take together: each
+      checkpoint step (opening the manager, restoring, each save, the final wait), after which
+      the process stops with exit status `parallel.WATCHDOG_EXIT_CODE` and its thread stacks on
+      stderr; and the waits for every process before the checkpoints are opened and before the
+      first train step of each image size, after which it raises TimeoutError. None or 0: no
+      limit.
 
   Returns:
     A summary: `step`, `epoch`, final `loss` and `contrastive_accuracy`, `resumed_from` (the
@@ -146,6 +208,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       `data.resolution.final_phase_start` for ``data.final_*``), before anything is written.
     FloatingPointError: the loss became NaN or Inf; names the step. The last good checkpoint
       stays the latest on disk.
+    TimeoutError: some process did not reach the checkpoints or the first train step within
+      `sync_timeout_s`.
   """
   is_main = jax.process_index() == 0
   # Validates data.final_* before anything is written.
@@ -157,13 +221,21 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   schedule = optim.warmup_cosine(
     config.optim, batch_size=config.batch_size, steps_per_epoch=spe, num_epochs=config.num_epochs
   )
-  manager = checkpoint.create_manager(workdir, max_to_keep=config.keep_checkpoints)
-  resumed_from = manager.latest_step()
+
+  def watchdog(what: str):
+    return parallel.watchdog(sync_timeout_s, what)
+
+  # Orbax's barriers are collectives: their first use must find every process ready.
+  parallel.sync_processes("opening the checkpoints", sync_timeout_s)
+  with watchdog(f"Opening the checkpoints in {workdir}"):
+    manager = checkpoint.create_manager(workdir, max_to_keep=config.keep_checkpoints)
+    resumed_from = manager.latest_step()
+    saved_config = None
+    if resumed_from is not None:
+      saved_config = checkpoint.restore_metadata(manager, resumed_from)["config"]
   start_step = resumed_from or 0
   if resumed_from is not None:
-    changes = checkpoint.config_changes(
-      checkpoint.restore_metadata(manager, resumed_from)["config"], config
-    )
+    changes = checkpoint.config_changes(saved_config, config)
     if changes:
       logging.warning(
         "Resuming step %d of %s with a changed config (the schedule follows the new one): %s",
@@ -172,7 +244,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "; ".join(changes),
       )
   if start_step >= total_steps:
-    manager.close()
+    with watchdog("Closing the checkpoint manager"):
+      manager.close()
     logging.warning(
       "%s already holds the checkpoint of step %d and this config trains %d steps (%d epochs): "
       "nothing to do. Raise num_epochs to train on, or use another workdir.",
@@ -204,9 +277,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   init_rng, augment_rng = jax.random.split(rng)
   state = create_train_state(config, model, init_rng, schedule)
   if resumed_from is not None:
-    state = state.replace(
-      **checkpoint.restore_state(manager, _checkpoint_tree(state), resumed_from)
-    )
+    with watchdog(f"Restoring the checkpoint of step {resumed_from}"):
+      restored = checkpoint.restore_state(manager, _checkpoint_tree(state), resumed_from)
+    state = state.replace(**restored)
     logging.info("Resuming from the checkpoint of step %d in %s", resumed_from, workdir)
   if int(state.step) != start_step:
     raise ValueError(f"checkpoint {resumed_from} in {workdir} holds step {int(state.step)}")
@@ -229,7 +302,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   def flush(step: int) -> None:
     """Brings pending metrics to the host (one transfer per log interval, not per step)."""
     nonlocal timer_start, timer_steps
-    fetched = jax.device_get([(s, jax.tree_util.tree_map(lambda x: x[0], m)) for s, m in pending])
+    steps, metrics = [s for s, _ in pending], parallel.unreplicate([m for _, m in pending])
+    fetched = list(zip(steps, metrics, strict=True))
     pending.clear()
     elapsed = time.perf_counter() - timer_start
     pairs_per_s = timer_steps * config.batch_size / max(elapsed, 1e-9)
@@ -242,7 +316,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           f"loss is {float(m['loss'])} at step {s}; stopping. The last good checkpoint "
           f"(step {manager.latest_step()}) in {checkpoint.checkpoint_dir(workdir)} is kept."
         )
-    if not fetched or not is_main:
+    if not fetched:
       return
     rows = [
       {
@@ -254,8 +328,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       }
       for s, m in fetched
     ]
-    history.append(rows)
     last.update(rows[-1])
+    if not is_main:
+      return
+    history.append(rows)
     scalars = {k: float(v) for k, v in fetched[-1][1].items()}
     writer.write(step, dict(scalars, pairs_per_second=pairs_per_s))
     progress.set_postfix(
@@ -268,9 +344,22 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if step % config.plot_every_steps < len(rows) or step == total_steps:
       history.plot(f"{workdir}/training_losses.png")
 
+  def compile_step(batch) -> None:
+    """Compiles the step for `batch`'s shapes (the next call reuses it), then waits until every
+    process has, so that they start the step's collectives together."""
+    start = time.perf_counter()
+    p_train_step.lower(p_state, batch, augment_rng).compile()
+    size = "x".join(map(str, batch["view1"].shape[-3:-1]))
+    logging.info("Train step compiled for %s px in %.1f s", size, time.perf_counter() - start)
+    parallel.sync_processes(f"the first train step at {size} px", sync_timeout_s)
+
+  compiled = False
   try:
     for step in range(start_step + 1, total_steps + 1):
       batch = next(batches)
+      if not compiled:
+        compile_step(batch)
+        compiled = True
       p_state, metrics = p_train_step(p_state, batch, augment_rng)
       pending.append((step, metrics))
       timer_steps += 1
@@ -280,13 +369,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if epoch_done:
         epoch = step // spe
         if epoch % config.checkpoint_every_epochs == 0 or step == total_steps:
-          checkpoint.save(
-            manager,
-            step,
-            _checkpoint_tree(parallel.unreplicate(p_state)),
-            config=config,
-            class_names=class_names,
-          )
+          with watchdog(f"Saving the checkpoint of step {step}"):
+            checkpoint.save(
+              manager,
+              step,
+              parallel.unreplicate(_checkpoint_tree(p_state)),
+              config=config,
+              class_names=class_names,
+            )
         if epoch == switch_epoch and step < total_steps:
           # Progressive resizing: a new stream of larger crops from this epoch on (the step
           # compiles once more for the new shape); the same stream a run resumed here reads.
@@ -294,6 +384,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           final = resolution.config_for_epoch(config, epoch)
           switch_start = time.perf_counter()
           batches = pipeline.create_pretrain_iterator(final, seed=config.seed, start_epoch=epoch)
+          compiled = False
           progress.clear()  # the message gets its own line, not the bar's
           logging.info(
             "Epoch %d on: %d px crops (cache %d px); new stream in %.1f s",
@@ -305,8 +396,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     flush(total_steps)
   finally:
     progress.close()
-    manager.wait_until_finished()
-    manager.close()
+    with watchdog("Finishing the checkpoint writes"):
+      manager.wait_until_finished()
+      manager.close()
     if writer is not None:
       writer.close()
   if history is not None:

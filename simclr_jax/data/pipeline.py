@@ -6,8 +6,10 @@ afterwards (`simclr_jax.augment`). Where the examples come from is `sources`, ho
 `crops`, and at what size `resolution`.
 
 Randomness is stateless: epoch ``e`` is shuffled with a seed derived from ``(seed, e)`` and every
-crop from that and the example's position, so a run resumed at ``start_epoch`` sees the same stream.
-A file that fails to decode mid-pass is dropped, not fatal.
+crop from that and the example's position in the epoch's global stream, so a run resumed at
+``start_epoch``, or run on any number of hosts, sees the same crops. Each pretraining batch carries
+its examples' indices in the global batch (``example_id``), from which the on-device augmentation
+keys its draws. A file that fails to decode mid-pass is dropped, not fatal.
 """
 
 import math
@@ -39,9 +41,11 @@ def pretrain_dataset(config: ml_collections.ConfigDict, *, seed: int, start_epoc
 
   Returns:
     ``(dataset, source)``; the dataset yields ``{'view1', 'view2'}`` float32
-    ``[local_devices, per_device, S, S, 3]`` in [0, 1] with ``S = config.data.image_size``, and
-    ``'label'`` int32 ``[local_devices, per_device]``. Each epoch is ``n // batch_size`` batches
-    (the remainder is dropped). With ``augment.enabled`` False both views are the eval crop.
+    ``[local_devices, per_device, S, S, 3]`` in [0, 1] with ``S = config.data.image_size``,
+    ``'label'`` int32 and ``'example_id'`` int32 ``[local_devices, per_device]``, each example's
+    index in the global batch (`parallel.example_ids`). Each epoch is ``n // batch_size``
+    batches (the remainder is dropped). With ``augment.enabled`` False both views are the eval
+    crop.
 
   Raises:
     ValueError: a batch size that is not a positive multiple of the device count, a split with
@@ -91,8 +95,9 @@ def pretrain_dataset(config: ml_collections.ConfigDict, *, seed: int, start_epoc
   ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch)
   ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors(log_warning=True)
-  ds = ds.batch(local_batch, drop_remainder=True).map(_shard_for_devices)
-  return ds.prefetch(tf.data.AUTOTUNE), source
+  ids = tf.constant(parallel.example_ids(config.batch_size).reshape(-1))
+  ds = ds.batch(local_batch, drop_remainder=True).map(lambda b: dict(b, example_id=ids))
+  return ds.map(_shard_for_devices).prefetch(tf.data.AUTOTUNE), source
 
 
 def eval_dataset(
@@ -113,13 +118,16 @@ def eval_dataset(
     random_views: 0 for the centre view; K >= 1 for K random views of each example instead,
       consecutive: random-resized crop and left-right flip, no colour distortion, as SimCLR's
       reference code augments the training images of its linear classifier.
-    seed: random seed of the random views, drawn per (seed, host, example position).
+    seed: random seed of the random views, drawn per (seed, ``index``): the same on any number
+      of hosts for folders and cached splits.
 
   Returns:
     ``(dataset, source, num_batches)``; the dataset yields ``'image'`` float32
     ``[local_devices, per_device, S, S, 3]`` in [0, 1] with ``S = resolution.eval_image_size``,
-    ``'label'`` int32 and ``'mask'`` bool ``[local_devices, per_device]``. The centre view is a
-    crop of `resolution.eval_crop_fraction` of the shorter side, resized. With ``data.cache``,
+    ``'label'`` int32, ``'mask'`` bool and ``'index'`` int64 ``[local_devices, per_device]``:
+    sorting the rows of all hosts by ``index`` (stably) gives the one-host order (the split's
+    fixed order; -1 on padding). The centre view is a crop of
+    `resolution.eval_crop_fraction` of the shorter side, resized. With ``data.cache``,
     images are cached at a shorter side of at least ``S / crop_fraction`` px, so a test view
     larger than the training crops reads real pixels, not an upsampled training cache. With
     ``random_views`` K, example i's views are rows i*K .. i*K+K-1 of the host's stream. Padding
@@ -151,13 +159,22 @@ def eval_dataset(
 
   def transform(position, example):
     key, label = example
+    if key.dtype.is_integer and key.shape.rank == 0:
+      index = key  # folders and caches: hosts take every P-th of the split's indices
+    else:
+      # A TFDS stream: hosts read consecutive blocks of the split (tfds.split_for_jax_process).
+      index = jax.process_index() * source.num_examples + position
+    index = tf.cast(index, tf.int64)
     image = source.load(key, min_side)
     if not random_views:
       view = crops.center_crop(image, size=size, crop_fraction=crop_fraction)
-      return {"image": view[None], "label": label[None], "mask": tf.constant([True])}
-    example_seed = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, jax.process_index()], tf.int64), position
-    )
+      return {
+        "image": view[None],
+        "label": label[None],
+        "mask": tf.constant([True]),
+        "index": index[None],
+      }
+    example_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), index)
     views = []
     for v in range(random_views):
       crop_seed, flip_seed = tf.unstack(
@@ -173,12 +190,14 @@ def eval_dataset(
       "image": tf.stack(views),
       "label": tf.fill([random_views], label),
       "mask": tf.ones([random_views], tf.bool),
+      "index": tf.fill([random_views], index),
     }
 
   pad = {
     "image": tf.zeros([size, size, 3], tf.float32),
     "label": tf.constant(0, tf.int32),
     "mask": tf.constant(False),
+    "index": tf.constant(-1, tf.int64),
   }
   ds = source.examples(None).enumerate()
   ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -1,8 +1,12 @@
 """Linear evaluation of a pretraining run: `python run_linear.py --workdir DIR`.
 
 Rebuilds the model from the latest (or `--step`) checkpoint in DIR, probes the frozen features
-of the train split with a `--label_fraction` of its labels, scores the test split and writes
+of the train split with a `--label_fraction` of its labels, scores the test split (or, with
+`--split validation`, images held out of the train split) and writes
 `DIR/linear/{results.json,confusion_matrix.png[,acc_vs_layer.png]}`.
+
+    python run_linear.py --workdir DIR --split validation --num_draws 20   # for choosing
+    python run_linear.py --workdir DIR --num_draws 20 --all_labels_cv      # for reporting
 """
 
 import os
@@ -49,7 +53,48 @@ flags.DEFINE_float(
   "5 labelled images, C = 1.0 with a warning for a class of 1). 1.0: scikit-learn's default, "
   "the PyTorch original's.",
 )
-flags.DEFINE_integer("seed", 0, "Random seed of the label subset and of the SGD probe.")
+flags.DEFINE_integer(
+  "seed", 0, "Random seed of the label subset and of the SGD probe (the first draw's)."
+)
+flags.DEFINE_integer(
+  "num_draws",
+  1,
+  "Stratified label draws, draw k with seed seed + k; reports mean, sd and a 95% t-interval "
+  "over them, every draw in results.json.",
+)
+flags.DEFINE_enum(
+  "split",
+  "test",
+  ["test", "validation"],
+  "What the probe is scored on: the test split, or a stratified 20% of the training images held "
+  "out (fixed seed; labels drawn from the rest; no test image read) for making choices.",
+)
+flags.DEFINE_bool(
+  "all_labels_cv",
+  False,
+  "Diagnostic: 5-fold CV accuracy of the logistic probe with every training label.",
+)
+flags.DEFINE_bool("tta_flip", False, "Average features over each view and its mirror image.")
+flags.DEFINE_list(
+  "tta_sizes",
+  [],
+  "Average features over whole-image views of these sides in px (e.g. 112,128,144); "
+  "default the one view of --image_size.",
+)
+flags.DEFINE_bool(
+  "standardize",
+  False,
+  "Standardise features with the statistics of every (unlabelled) training image the probe may "
+  "use, instead of the labelled ones.",
+)
+flags.DEFINE_enum(
+  "c_selection",
+  "best",
+  ["best", "repeated_1se"],
+  "How cross-validation picks C: the best mean accuracy, or the strongest L2 within one "
+  "standard error of it over --cv_repeats k-fold splits.",
+)
+flags.DEFINE_integer("cv_repeats", 5, "k-fold splits of --c_selection=repeated_1se.")
 flags.DEFINE_string(
   "output_dir", None, "Where results.json and the plots go; default <workdir>/linear."
 )
@@ -59,6 +104,12 @@ flags.DEFINE_enum(
   ["flax", "xla", "onednn", "auto"],
   "Convolutions of the feature extraction (runtime.conv_impl); speed only, any run's checkpoint.",
 )
+flags.DEFINE_bool(
+  "multihost", False, "Call jax.distributed.initialize() first (as run_pretrain.py, one per host)."
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--multihost).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (--multihost).")
+flags.DEFINE_integer("process_id", None, "This process's index (--multihost).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -69,6 +120,11 @@ def main(argv):
 
   # tf.data only: keep TensorFlow off the accelerators so JAX has all their memory.
   tf.config.set_visible_devices([], "GPU")
+  if FLAGS.multihost:
+    import jax
+
+    # Every process extracts its share of the features; all then fit the same probe.
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from simclr_jax.probe import evaluate, reports
 
   logging.set_verbosity(logging.WARNING)
@@ -88,6 +144,14 @@ def main(argv):
     probe_c=FLAGS.probe_c,
     output_dir=FLAGS.output_dir,
     conv_impl=FLAGS.conv_impl,
+    num_draws=FLAGS.num_draws,
+    split=FLAGS.split,
+    all_labels_cv=FLAGS.all_labels_cv,
+    tta_flip=FLAGS.tta_flip,
+    tta_sizes=tuple(int(size) for size in FLAGS.tta_sizes),
+    standardize=FLAGS.standardize,
+    c_selection=FLAGS.c_selection,
+    cv_repeats=FLAGS.cv_repeats,
   )
   print(reports.format_summary(results))
 

@@ -1,10 +1,14 @@
 """Classifiers on frozen features: the probe's C chosen by cross-validation (SimCLR Appendix
-B.8), its folds, and the temperature-weighted kNN."""
+B.8), its folds, the one-standard-error rule over repeated splits, standardisation, and the
+temperature-weighted kNN."""
 
 import numpy as np
 import pytest
 from probe_helpers import blobs, copies
-from sklearn.model_selection import StratifiedKFold
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from simclr_jax.probe import classifiers
 
@@ -115,3 +119,82 @@ def test_knn_votes_are_temperature_weighted():
   flat = classifiers.knn_probabilities(train_x, train_y, query, k=3, temperature=100.0)
   assert sharp.argmax() == 0 and flat.argmax() == 1  # similarity wins vs. majority wins
   np.testing.assert_allclose(sharp.sum(axis=1), 1.0)
+
+
+def test_one_standard_error_picks_the_strongest_l2_within_one_se_of_the_best():
+  # Candidates from the strongest L2 (smallest C) to the weakest; k = 5 folds.
+  scores = np.asarray(
+    [
+      [0.50] * 5,
+      [0.68, 0.70, 0.72, 0.70, 0.70],  # mean 0.70
+      [0.72, 0.74, 0.75, 0.74, 0.735],  # mean 0.737
+      [0.70, 0.80, 0.75, 0.75, 0.75],  # the best: mean 0.75, sd 0.0354, SE 0.0354 / sqrt(5)
+      [0.60] * 5,
+    ]
+  )
+  se = np.std(scores[3], ddof=1) / np.sqrt(5)
+  assert se == pytest.approx(0.0158114, abs=1e-6)
+  assert classifiers.one_standard_error(scores, 5) == (2, pytest.approx(se))  # 0.737 >= 0.734
+  wide = scores.copy()
+  wide[3] = [0.55, 0.95, 0.75, 0.75, 0.75]  # SE 0.0632: now 0.70 is within one SE of 0.75
+  assert classifiers.one_standard_error(wide, 5)[0] == 1
+  # Repeated splits reuse the same images: the SE counts k = 5 folds, not the 10 scores
+  # (sqrt(10) would give 0.0105 and leave 0.737 outside, picking the best, 3).
+  repeated = np.concatenate([scores, scores], axis=1)
+  index, se = classifiers.one_standard_error(repeated, 5)
+  assert index == 2 and se == pytest.approx(np.std(repeated[3], ddof=1) / np.sqrt(5))
+  flat = np.full((3, 5), 0.8)  # all tied, SE 0: the strongest L2
+  assert classifiers.one_standard_error(flat, 5) == (0, 0.0)
+  with pytest.raises(ValueError, match="expected"):
+    classifiers.one_standard_error(scores[:, :1], 5)
+  with pytest.raises(ValueError, match="folds=1"):
+    classifiers.one_standard_error(scores, 1)
+
+
+def test_select_logistic_c_repeated_1se_equals_an_independent_computation():
+  x, y = blobs(3, 20, seed=5, dim=8)
+  x = x + np.random.default_rng(6).normal(0, 1.5, x.shape).astype(np.float32)  # not separable
+  grid = classifiers.L2_GRID[::4]
+  cs = np.sort(1.0 / (grid * len(y)))
+  folds = [
+    f for r in range(3) for f in StratifiedKFold(5, shuffle=True, random_state=r).split(x, y)
+  ]
+  fold_scores = np.asarray(
+    [
+      cross_val_score(
+        make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000)), x, y, cv=folds
+      )
+      for c in cs
+    ]
+  )  # [C, 15]
+  means = fold_scores.mean(axis=1)
+  best = int(np.argmax(means))  # first maximum: the smallest C among ties
+  se = np.std(fold_scores[best], ddof=1) / np.sqrt(5)
+  expected = int(np.min(np.flatnonzero(means >= means[best] - se)))
+  assert expected < best  # the rule matters here
+  chosen = classifiers.select_logistic_c(x, y, lambdas=grid, rule="repeated_1se", repeats=3)
+  assert chosen.c == pytest.approx(cs[expected]) and chosen.repeats == 3 and chosen.folds == 5
+  assert chosen.cv_top1 == pytest.approx(means[expected])
+  assert chosen.best_cv_top1 == pytest.approx(means[best]) and chosen.cv_se == pytest.approx(se)
+  plain = classifiers.select_logistic_c(x, y, lambdas=grid)  # 'best' over the first split only
+  first_split = fold_scores[:, :5].mean(axis=1)
+  assert plain.c == pytest.approx(cs[int(np.argmax(first_split))])
+  assert plain.repeats == 1 and plain.cv_se is None and plain.best_cv_top1 is None
+  with pytest.raises(ValueError, match="rule='worst'"):
+    classifiers.select_logistic_c(x, y, lambdas=grid, rule="worst")
+  with pytest.raises(ValueError, match="repeats=0"):
+    classifiers.select_logistic_c(x, y, lambdas=grid, repeats=0)
+
+
+def test_probes_skip_their_own_standardisation_when_told():
+  x, y = blobs(3, 20, seed=1)
+  test_x, _ = blobs(3, 5, seed=2)
+  x, test_x = 3.0 * x + 1.0, 3.0 * test_x + 1.0  # far from standardised
+  raw = LogisticRegression(C=0.01, max_iter=1000).fit(x, y).predict_proba(test_x)
+  unscaled = classifiers.fit_logistic(x, y, c=0.01, standardize=False)(test_x)
+  np.testing.assert_allclose(unscaled, raw, rtol=1e-6)
+  scaled = classifiers.fit_logistic(x, y, c=0.01)(test_x)
+  assert not np.allclose(scaled, raw, atol=1e-3)  # the default standardises: another model
+  scale = classifiers.standardizer(x)
+  np.testing.assert_allclose(scale(test_x), (test_x - x.mean(0)) / x.std(0), rtol=1e-4, atol=1e-5)
+  assert scale(test_x).dtype == np.float32

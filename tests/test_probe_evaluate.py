@@ -1,10 +1,14 @@
-"""Linear evaluation: label subsets, one layer's probe and kNN, how C is chosen, and the
-pipeline pretrain -> Orbax checkpoint -> probe end to end on a toy folder of coloured images."""
+"""Linear evaluation: one layer's probe and kNN, how C is chosen, and the pipeline pretrain ->
+Orbax checkpoint -> probe end to end on a toy folder of coloured images: label draws, the
+validation split (no test image read), standardisation, the levers and the CLI."""
 
 import dataclasses
+import functools
 import json
 import logging
+import math
 import os
+import shutil
 
 import ml_collections
 import numpy as np
@@ -15,46 +19,14 @@ from probe_helpers import BATCH_SIZE, COLOURS, NUM_TEST, NUM_TRAIN, blobs, copie
 
 import run_linear
 from configs import tiny
-from simclr_jax import checkpoint
-from simclr_jax.probe import classifiers, evaluate, reports
+from simclr_jax import checkpoint, models
+from simclr_jax.data import image_folder
+from simclr_jax.probe import classifiers, evaluate, features, protocol, reports
 
 
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory):
   return probe_helpers.pretrain_colour_run(tmp_path_factory)
-
-
-def test_label_subset_counts_per_class():
-  labels = np.repeat([0, 1, 2], [40, 20, 10])
-  indices, counts = evaluate.label_subset(labels, 0.1, num_classes=3, seed=0)
-  np.testing.assert_array_equal(counts, [4, 2, 1])
-  np.testing.assert_array_equal(np.bincount(labels[indices], minlength=3), counts)
-  assert np.all(np.diff(indices) > 0)
-  again, _ = evaluate.label_subset(labels, 0.1, num_classes=3, seed=0)
-  other, _ = evaluate.label_subset(labels, 0.1, num_classes=3, seed=1)
-  np.testing.assert_array_equal(indices, again)
-  assert not np.array_equal(indices, other)
-  half, counts = evaluate.label_subset(labels, 0.5, num_classes=3, seed=0)
-  np.testing.assert_array_equal(counts, [20, 10, 5])
-  everything, counts = evaluate.label_subset(labels, 1.0, num_classes=3, seed=0)
-  np.testing.assert_array_equal(everything, np.arange(70))
-  np.testing.assert_array_equal(counts, [40, 20, 10])
-
-
-@pytest.mark.parametrize(
-  "sizes, fraction, match",
-  [
-    ([40, 20, 10], 0.0, "must be in"),
-    ([40, 20, 10], 1.5, "must be in"),
-    ([100, 100, 2], 0.1, r"without labelled examples.*Empty: classes \[2\]"),
-    ([10] * 5, 0.05, "without labelled examples"),  # fewer picks than classes
-    ([10, 0, 10], 0.5, r"classes \[1\] have no training examples"),
-  ],
-)
-def test_label_subset_errors(sizes, fraction, match):
-  labels = np.repeat(np.arange(len(sizes)), sizes)
-  with pytest.raises(ValueError, match=match):
-    evaluate.label_subset(labels, fraction, num_classes=len(sizes), seed=0)
 
 
 @pytest.mark.parametrize("classifier", evaluate.CLASSIFIERS)
@@ -79,7 +51,9 @@ def test_evaluate_layer_records_and_uses_the_chosen_c(monkeypatch):
   test_x, test_y = blobs(3, 10, seed=2)
   fitted = []
   fit = classifiers.fit_logistic
-  monkeypatch.setattr(classifiers, "fit_logistic", lambda *a, c: fitted.append(c) or fit(*a, c=c))
+  monkeypatch.setattr(
+    classifiers, "fit_logistic", lambda *a, c, **kw: fitted.append(c) or fit(*a, c=c, **kw)
+  )
   chosen, _ = evaluate.evaluate_layer(x, y, test_x, test_y, num_classes=3)
   expected = 1.0 / (1e5 * 60)
   assert chosen["logistic_c"] == {"c": pytest.approx(expected), "cv_top1": 1.0, "folds": 5}
@@ -106,33 +80,6 @@ def test_evaluate_layer_validates_on_whole_images_only():
       x, y, x[:6], y[:6], num_classes=3, extra_train=(views, copy_labels)
     )
     assert result["logistic_c"]["cv_top1"] < 0.6
-
-
-def test_plan_c_selection_lowers_the_folds_then_fixes_c(caplog):
-  names = list(COLOURS)  # blue, green, red
-  with caplog.at_level(logging.WARNING):
-    assert evaluate.plan_c_selection(
-      np.asarray([5, 6, 9]), names, probe_c=None, label_fraction=0.1
-    ) == (None, evaluate.CV_DESCRIPTION)
-  assert not caplog.records  # >= 5 labelled images a class: 5 folds, nothing to say
-  with caplog.at_level(logging.WARNING):
-    c, how = evaluate.plan_c_selection(
-      np.asarray([3, 2, 4]), names, probe_c=None, label_fraction=0.1
-    )
-  assert (c, how) == (None, evaluate.CV_DESCRIPTION)
-  assert "'green' has 2 labelled images" in caplog.text and "2-fold" in caplog.text
-  caplog.clear()
-  with caplog.at_level(logging.WARNING):
-    c, how = evaluate.plan_c_selection(
-      np.asarray([3, 3, 1]), names, probe_c=None, label_fraction=0.1
-    )
-  assert c == classifiers.DEFAULT_C == 1.0
-  assert how.startswith("fixed: class 'red' has 1 labelled image at label_fraction=0.1")
-  assert "'red' has 1 labelled image" in caplog.text and "C = 1" in caplog.text
-  caplog.clear()
-  with caplog.at_level(logging.WARNING):
-    fixed = evaluate.plan_c_selection(np.asarray([1, 1, 1]), names, probe_c=0.5, label_fraction=1)
-  assert fixed == (0.5, "fixed") and not caplog.records  # the caller's C: no CV to run
 
 
 def test_probe_with_a_single_labelled_image_of_a_class(pretrained_run, tmp_path, caplog):
@@ -172,9 +119,12 @@ def test_probe_end_to_end(pretrained_run):
   settings = results["settings"]
   assert settings["data_root"] == root and settings["layer"] == "h"
   assert settings["labelled_per_class"] == {name: NUM_TRAIN // 2 for name in COLOURS}
-  assert settings["num_test"] == len(COLOURS) * NUM_TEST
+  assert settings["num_test"] == settings["num_scored"] == len(COLOURS) * NUM_TEST
+  assert settings["split"] == "test" and settings["draw_seeds"] == [0]
+  assert "draws" not in results and "summary" not in results  # one draw: today's output
+  assert not settings["standardize"] and not settings["tta_flip"] and not settings["tta_sizes"]
   assert results["top1"] >= 0.9  # chance is 1/3
-  assert settings["probe_c"] is None and settings["probe_c_selection"] == evaluate.CV_DESCRIPTION
+  assert settings["probe_c"] is None and settings["probe_c_selection"] == protocol.CV_DESCRIPTION
   assert results["logistic_c"]["cv_top1"] is not None and results["logistic_c"]["folds"] == 5
   assert "chosen by 5-fold CV on the labelled images" in reports.format_summary(results)
   assert results["knn"]["k20"]["top1"] >= 0.9
@@ -198,6 +148,131 @@ def test_probe_end_to_end(pretrained_run):
   for key in ("confusion_matrix", "acc_vs_layer"):
     with open(files[key], "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _spy(monkeypatch, module, name):
+  """Wraps module.name to record each call's positional and keyword arguments."""
+  calls, original = [], getattr(module, name)
+
+  def spy(*args, **kwargs):
+    calls.append((args, kwargs))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, spy)
+  return calls
+
+
+def test_validation_run_reads_no_test_image(pretrained_run, tmp_path, monkeypatch):
+  """Scored on images held out of the train split, labels drawn from the others, statistics from
+  those others: the run succeeds on a copy of the data that has no test split at all."""
+  root, workdir = pretrained_run
+  shutil.copytree(os.path.join(root, "train"), tmp_path / "data" / "train")
+  extracted = _spy(monkeypatch, features, "extract_features")
+  fitted = _spy(monkeypatch, classifiers, "standardizer")
+  results = evaluate.run_linear_probe(
+    workdir,
+    data_root=str(tmp_path / "data"),
+    label_fraction=0.25,
+    batch_size=BATCH_SIZE,
+    output_dir=str(tmp_path / "probe"),
+    split="validation",
+    num_draws=3,
+    standardize=True,
+    all_labels_cv=True,
+  )
+  assert {args[3] for args, _ in extracted} == {"train"}  # (model, variables, config, split)
+  paths, labels, _ = image_folder.list_image_folder(root, "train", list(COLOURS))
+  held_out = np.asarray(results["validation_indices"])
+  rest = np.setdiff1d(np.arange(len(labels)), held_out)
+  num_train = len(COLOURS) * NUM_TRAIN
+  settings = results["settings"]
+  assert settings["split"] == "validation" and settings["num_test"] == 0
+  assert len(held_out) == settings["num_scored"] == math.ceil(0.2 * num_train)
+  assert sorted(np.bincount(labels[held_out]).tolist()) == [3, 3, 4]  # stratified
+  assert settings["validation"]["num_candidates"] == len(rest) == num_train - len(held_out)
+  assert np.sum(results["confusion_matrix"]) == len(held_out)
+  assert all("/train/" in paths[i] for i in held_out)
+
+  draws = results["draws"]
+  assert [d["seed"] for d in draws] == settings["draw_seeds"] == [0, 1, 2]
+  for k, draw in enumerate(draws):
+    labelled = np.asarray(draw["labelled_indices"])
+    assert len(labelled) == num_train // 4 and not np.intersect1d(labelled, held_out).size
+    assert not set(paths[i] for i in labelled) & set(paths[i] for i in held_out)
+    expected, _ = protocol.label_subset(labels, 0.25, num_classes=3, seed=k, candidates=rest)
+    np.testing.assert_array_equal(labelled, expected)  # draw k: seed k, whatever the run
+  assert results["top1"] == draws[0]["top1"]
+  assert results["summary"]["top1"] == protocol.summarize([d["top1"] for d in draws])
+  assert results["all_labels_cv"]["num_labelled"] == len(rest)
+
+  # Standardisation: fitted on the unlabelled features of the images the probe may use.
+  pretrained = checkpoint.load_pretrained(workdir)
+  model = models.build_model(pretrained.config.model, image_size=32)
+  train_features, _ = features.extract_features(
+    model,
+    {"params": pretrained.params, "batch_stats": pretrained.batch_stats},
+    pretrained.config,
+    "train",
+    batch_size=BATCH_SIZE,
+  )
+  (fit_rows,), _ = fitted[0]
+  np.testing.assert_allclose(fit_rows, train_features[0][rest], rtol=1e-5, atol=1e-5)
+  with open(tmp_path / "probe" / "results.json") as f:
+    written = json.load(f)
+  assert written["validation_indices"] == held_out.tolist() and len(written["draws"]) == 3
+
+
+def test_draws_and_standardisation_on_the_test_split(pretrained_run, tmp_path, monkeypatch):
+  _, workdir = pretrained_run
+  fitted = _spy(monkeypatch, classifiers, "standardizer")
+  probe = functools.partial(
+    evaluate.run_linear_probe,
+    workdir,
+    label_fraction=0.25,
+    batch_size=BATCH_SIZE,
+    output_dir=str(tmp_path / "probe"),
+    standardize=True,
+    probe_c=1.0,  # the CV of C is checked elsewhere; here: what each draw is
+  )
+  results = probe(num_draws=2, sweep_layers=True)
+  num_layers = tiny.get_config().model.head.num_layers
+  assert len(fitted) == num_layers + 1  # one standardiser per layer
+  for (fit_rows,), _ in fitted:
+    assert len(fit_rows) == len(COLOURS) * NUM_TRAIN  # the training images, never the test's
+  single = probe(seed=1, sweep_layers=True)  # draw 1 of every N-draw run is the seed-1 run
+  assert results["draws"][1]["top1"] == single["top1"]
+  assert [p["top1"] for p in results["draws"][1]["sweep"]] == [p["top1"] for p in single["sweep"]]
+  assert results["draws"][1]["labelled_indices"] != results["draws"][0]["labelled_indices"]
+  assert single["settings"]["draw_seeds"] == [1]
+  sweep = results["summary"]["sweep"]
+  assert [p["layer"] for p in sweep] == ["h", "head layer 1", "z"]
+  for d, p in enumerate(sweep):
+    assert p["top1"] == protocol.summarize([r["sweep"][d]["top1"] for r in results["draws"]])
+
+
+def test_cli_protocol_and_levers(pretrained_run, capsys, tmp_path):
+  _, workdir = pretrained_run
+  argv = ["run_linear.py", f"--workdir={workdir}", "--label_fraction=0.25"]
+  argv += [f"--batch_size={BATCH_SIZE}", f"--output_dir={tmp_path}/probe", "--num_draws=2"]
+  argv += ["--split=validation", "--all_labels_cv", "--tta_flip", "--tta_sizes=24"]
+  argv += ["--standardize", "--c_selection=repeated_1se", "--cv_repeats=2"]
+  with flagsaver.flagsaver():
+    run_linear.FLAGS(argv)
+    run_linear.main(argv[:1])
+  out = capsys.readouterr().out
+  with open(os.path.join(tmp_path, "probe", "results.json")) as f:
+    written = json.load(f)
+  s = written["settings"]
+  assert (s["tta_flip"], s["tta_sizes"], s["standardize"]) == (True, [24], True)
+  assert (s["c_selection"], s["cv_repeats"], s["num_draws"]) == ("repeated_1se", 2, 2)
+  chosen = written["logistic_c"]
+  assert chosen["repeats"] == 2 and chosen["folds"] == 4  # 4 labelled images a class
+  assert chosen["cv_top1"] >= chosen["best_cv_top1"] - chosen["cv_se"]
+  assert "scored on 10 validation images held out of the training split" in out
+  assert "no test image read" in out
+  assert "Features: averaged over whole-image views of 24 px and their mirror images" in out
+  assert "one-SE rule" in out and "Over 2 label draws (seeds 0-1): logistic probe top-1" in out
+  assert "95% interval" in out and "Diagnostic, all 38 training labels on h: 5-fold CV" in out
 
 
 def test_cli(pretrained_run, capsys, tmp_path):

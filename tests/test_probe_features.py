@@ -1,7 +1,9 @@
 """Frozen features from a pretraining checkpoint: every example once, independent of the batch,
-equal to a plain inference-mode apply, the checkpoint left unchanged; layer names and depths."""
+equal to a plain inference-mode apply, the checkpoint left unchanged; averages over mirror images
+and sizes; layer names and depths."""
 
 import jax
+import ml_collections
 import numpy as np
 import probe_helpers
 import pytest
@@ -71,3 +73,54 @@ def test_layer_names_and_depths():
   for k in (-1, 4):
     with pytest.raises(ValueError, match=rf"remove_top_layers={k} must be in \[0, 3\]"):
       features.probe_depth(3, k)
+
+
+def test_test_time_views_average_mirrors_and_sizes(pretrained_run):
+  _, workdir = pretrained_run
+  pretrained = checkpoint.load_pretrained(workdir)
+  config = pretrained.config
+  model = models.build_model(config.model, image_size=config.data.image_size)
+  variables = {"params": pretrained.params, "batch_stats": pretrained.batch_stats}
+  depths = (0, config.model.head.num_layers)
+
+  def extract(cfg, **kwargs):
+    return features.extract_features(
+      model, variables, cfg, "test", batch_size=BATCH_SIZE, depths=depths, **kwargs
+    )
+
+  plain, labels = extract(config)
+  mirrored, mirror_labels = extract(config, mirror=True)
+  np.testing.assert_array_equal(mirror_labels, labels)
+  averaged, averaged_labels = features.extract_averaged_features(
+    model, variables, config, "test", batch_size=BATCH_SIZE, depths=depths, flip=True
+  )
+  np.testing.assert_array_equal(averaged_labels, labels)
+  for d in depths:
+    assert not np.allclose(plain[d], mirrored[d], atol=1e-4)  # the mirror is another view
+    np.testing.assert_allclose(averaged[d], (plain[d] + mirrored[d]) / 2, rtol=1e-6, atol=1e-6)
+
+  # The mirror is the image flipped left-right: one plain apply on flipped pixels.
+  ds, _, _ = pipeline.eval_dataset(config, "test", batch_size=BATCH_SIZE)
+  images = np.concatenate(
+    [b["image"].reshape(-1, 32, 32, 3)[b["mask"].reshape(-1)] for b in ds.as_numpy_iterator()]
+  )
+  _, aux = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images[:, :, ::-1])
+  np.testing.assert_allclose(
+    mirrored[0], aux["features"], atol=1e-6 * np.abs(aux["features"]).max()
+  )
+
+  sized = []
+  for size in (24, 40):
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.data.eval_image_size = size
+    sized.append(extract(cfg)[0])
+  both, _ = features.extract_averaged_features(
+    model, variables, config, "test", batch_size=BATCH_SIZE, depths=depths, sizes=(24, 40)
+  )
+  for d in depths:
+    assert not np.allclose(sized[0][d], sized[1][d], atol=1e-4)
+    np.testing.assert_allclose(both[d], (sized[0][d] + sized[1][d]) / 2, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="sizes=\\(0,\\)"):
+    features.extract_averaged_features(
+      model, variables, config, "test", batch_size=BATCH_SIZE, sizes=(0,)
+    )

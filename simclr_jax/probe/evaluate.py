@@ -3,9 +3,11 @@
 SimCLR §2.3's protocol: train a linear classifier on the frozen encoder's features h of a
 labelled subset of the train split, score it on the test split. Any projection-head layer can be
 probed instead (SimCLR §4.2, Fig. 8; the PyTorch original's `remove_top_layers`); `features`
-extracts the layers, `classifiers` fits the probes, `reports` draws the results.
+extracts the layers, `classifiers` fits the probes, `protocol` draws the labels and the
+validation split and summarises draws, `reports` draws the results.
 
     results = evaluate.run_linear_probe("runs/imagenet5", label_fraction=0.1)
+    results = evaluate.run_linear_probe("runs/imagenet5", split="validation", num_draws=20)
 """
 
 import functools
@@ -16,68 +18,15 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from sklearn import metrics
-from sklearn.model_selection import train_test_split
 
 from simclr_jax import checkpoint, cpu_kernels, models
 from simclr_jax.data import resolution, sources
-from simclr_jax.probe import classifiers, features, reports
+from simclr_jax.probe import classifiers, features, protocol, reports
 
 CLASSIFIERS = ("logistic", "linear_sgd")
+SPLITS = ("test", "validation")
 KNN_KS = (20, 200)
-
-CV_DESCRIPTION = (
-  "stratified k-fold CV on the labelled subset (k and C per layer under 'logistic_c'), "
-  "45 L2 strengths (SimCLR Appendix B.8), split seed 0"
-)
-"""How the logistic probe's C is chosen by default; recorded in results.json's settings."""
-
-
-def label_subset(
-  labels: np.ndarray, fraction: float, *, num_classes: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-  """A stratified, seeded subset of the labelled examples (the PyTorch original's 10% protocol).
-
-  Each class keeps about `fraction` of its examples (floor or ceil, sklearn's stratified split;
-  floor(fraction * N) in all).
-
-  Args:
-    labels: int [N] in [0, num_classes).
-    fraction: in (0, 1]; 1 keeps every example.
-    num_classes: number of classes C.
-    seed: random seed of the draw.
-
-  Returns:
-    (indices int64 [M] sorted, counts int64 [C]: kept examples per class).
-
-  Raises:
-    ValueError: fraction outside (0, 1], a class without examples, or a fraction that leaves a
-      class without examples (naming the classes).
-  """
-  if not 0 < fraction <= 1:
-    raise ValueError(f"label_fraction={fraction} must be in (0, 1].")
-  labels = np.asarray(labels)
-  totals = np.bincount(labels, minlength=num_classes)
-  if (totals == 0).any():
-    raise ValueError(f"classes {np.flatnonzero(totals == 0).tolist()} have no training examples.")
-  hint = (
-    f"label_fraction={fraction} leaves a class without labelled examples (examples per class: "
-    f"{totals.tolist()}); each class needs fraction x its count >= 1, i.e. about "
-    f"{1 / totals.min():.3g} or more."
-  )
-  indices = np.arange(len(labels))
-  if fraction < 1:
-    try:
-      indices, _ = train_test_split(
-        indices, train_size=fraction, stratify=labels, random_state=seed
-      )
-    except ValueError as e:
-      raise ValueError(hint) from e
-  counts = np.bincount(labels[indices], minlength=num_classes)
-  if (counts == 0).any():
-    raise ValueError(f"{hint} Empty: classes {np.flatnonzero(counts == 0).tolist()}.")
-  return np.sort(indices), counts
 
 
 def evaluate_layer(
@@ -91,6 +40,9 @@ def evaluate_layer(
   seed: int = 0,
   extra_train: tuple[np.ndarray, np.ndarray] | None = None,
   c: float | None = None,
+  c_rule: str = "best",
+  cv_repeats: int = 1,
+  standardize: bool = True,
 ) -> tuple[dict[str, Any], np.ndarray]:
   """Trains the probe on one layer's labelled features and scores it and kNN on the test split.
 
@@ -105,15 +57,21 @@ def evaluate_layer(
       cross-validation on the probe's training rows (SimCLR Appendix B.8;
       `classifiers.select_logistic_c`: the views of one example stay in one fold, and only centre
       views are scored). Unused by 'linear_sgd'.
+    c_rule, cv_repeats: `classifiers.select_logistic_c`'s rule and repeats, when c is None.
+    standardize: the probe standardises the features with its training rows' statistics; False
+      when they are standardised already (`classifiers.standardizer`). kNN reads the features as
+      given.
 
   Returns:
     ({'top1', ['top5'], 'knn': {'k20': {'k', 'top1'[, 'top5']}, 'k200': ...}[, 'logistic_c':
-    {'c', 'cv_top1', 'folds' (both None when c was given)}]}, test predictions int [M]). A kNN
-    entry's 'k' is the number of neighbours used (at most the labelled examples).
+    {'c', 'cv_top1', 'folds' (both None when c was given)[, 'repeats', 'best_cv_top1', 'cv_se'
+    (rule 'repeated_1se')]}]}, test predictions int [M]). A kNN entry's 'k' is the number of
+    neighbours used (at most the labelled examples).
 
   Raises:
     ValueError: unknown classifier; `extra_train` not K views per example in example-major
-      order; c <= 0; and `classifiers.select_logistic_c`'s (a class with < 2 labelled examples).
+      order; c <= 0; and `classifiers.select_logistic_c`'s (a class with < 2 labelled examples,
+      an unknown rule, repeats < 1).
   """
   probe_x, probe_y = train_features, train_labels
   n = len(train_labels)
@@ -136,14 +94,28 @@ def evaluate_layer(
   selection = None
   if classifier == "logistic":
     if c is None:
-      chosen = classifiers.select_logistic_c(probe_x, probe_y, groups=groups, scored=scored)
+      chosen = classifiers.select_logistic_c(
+        probe_x,
+        probe_y,
+        groups=groups,
+        scored=scored,
+        rule=c_rule,
+        repeats=cv_repeats,
+        standardize=standardize,
+      )
       c = chosen.c
       selection = {"c": chosen.c, "cv_top1": chosen.cv_top1, "folds": chosen.folds}
+      if c_rule != "best":
+        selection.update(
+          repeats=chosen.repeats, best_cv_top1=chosen.best_cv_top1, cv_se=chosen.cv_se
+        )
     else:
       selection = {"c": float(c), "cv_top1": None, "folds": None}
-    probe = classifiers.fit_logistic(probe_x, probe_y, c=c)
+    probe = classifiers.fit_logistic(probe_x, probe_y, c=c, standardize=standardize)
   elif classifier == "linear_sgd":
-    probe = classifiers.fit_linear_sgd(probe_x, probe_y, num_classes=num_classes, seed=seed)
+    probe = classifiers.fit_linear_sgd(
+      probe_x, probe_y, num_classes=num_classes, seed=seed, standardize=standardize
+    )
   else:
     raise ValueError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
   probabilities = probe(test_features)
@@ -156,57 +128,6 @@ def evaluate_layer(
   if selection is not None:
     result["logistic_c"] = selection
   return result, probabilities.argmax(axis=1)
-
-
-def plan_c_selection(
-  counts: np.ndarray, class_names: list[str], *, probe_c: float | None, label_fraction: float
-) -> tuple[float | None, str]:
-  """How the logistic probe's C is chosen for these labelled images (SimCLR Appendix B.8).
-
-  Stratified k-fold cross-validation needs every class in every fold, so k falls from
-  `classifiers.CV_FOLDS` to the smallest class's count (`classifiers.cv_folds`); a class with a
-  single labelled image leaves no k-fold split, so C falls back to `classifiers.DEFAULT_C`. Either
-  change logs a warning naming the class instead of stopping the probe.
-
-  Args:
-    counts: int [C], labelled images per class, each >= 1 (from `label_subset`).
-    class_names: the C class names, in label order.
-    probe_c: the caller's fixed C (> 0), or None to choose it by cross-validation.
-    label_fraction: the fraction that gave `counts`, for the warnings.
-
-  Returns:
-    (c, selection): c the fixed C for `evaluate_layer` (None: chosen by cross-validation per
-    layer); selection says how, for results.json's settings: 'fixed' (the caller's),
-    `CV_DESCRIPTION`, or 'fixed: class <name> has 1 labelled image ...' (the fallback).
-  """
-  if probe_c is not None:
-    return probe_c, "fixed"
-  name, smallest = class_names[int(np.argmin(counts))], int(np.min(counts))
-  k = classifiers.cv_folds(counts)
-  if k < 2:
-    logging.warning(
-      "Class %r has %d labelled image at label_fraction=%g, too few to choose the probe's C by "
-      "cross-validation; using C = %g (scikit-learn's default).",
-      name,
-      smallest,
-      label_fraction,
-      classifiers.DEFAULT_C,
-    )
-    return classifiers.DEFAULT_C, (
-      f"fixed: class {name!r} has {smallest} labelled image at label_fraction={label_fraction}, "
-      f"too few for cross-validation; C = {classifiers.DEFAULT_C:g}, scikit-learn's default"
-    )
-  if k < classifiers.CV_FOLDS:
-    logging.warning(
-      "Class %r has %d labelled images at label_fraction=%g: the probe's C is chosen by %d-fold "
-      "instead of %d-fold cross-validation.",
-      name,
-      smallest,
-      label_fraction,
-      k,
-      classifiers.CV_FOLDS,
-    )
-  return None, CV_DESCRIPTION
 
 
 def _data_config(pretrained: checkpoint.Pretrained, data_root: str | None):
@@ -250,23 +171,37 @@ def run_linear_probe(
   train_views: int = 0,
   probe_c: float | None = None,
   conv_impl: str = "auto",
+  num_draws: int = 1,
+  split: str = "test",
+  all_labels_cv: bool = False,
+  tta_flip: bool = False,
+  tta_sizes: tuple[int, ...] = (),
+  standardize: bool = False,
+  c_selection: str = "best",
+  cv_repeats: int = 5,
 ) -> dict[str, Any]:
   """Linear evaluation of a pretraining run, from its checkpoint alone (SimCLR §2.3).
 
   Trains the probe on the train split's features (a `label_fraction` subset of the labels) and
-  scores it on the test split (`config.data.eval_split`), every test example once.
+  scores it on the test split (`config.data.eval_split`), every test example once; or, with
+  `split='validation'`, on a validation split held out of the training images, reading no test
+  image (`protocol.validation_split`; the labels are drawn from the other training images). With
+  `num_draws` N, the probe is trained on N label draws (seeds seed .. seed + N - 1) and the
+  figures are summarised over them (`protocol.summarize`); the per-class table, the confusion
+  matrix and the top-level figures are the first draw's.
 
   Args:
     workdir: the pretraining `--workdir`.
     step: checkpoint step; None for the latest.
     data_root: image folder root (TFDS data dir for TFDS runs); None uses pretraining's.
-    label_fraction: in (0, 1], stratified and seeded by `seed`.
+    label_fraction: in (0, 1], stratified and seeded; floor(fraction x the training images)
+      labels, drawn in validation runs from the images not held out.
     remove_top_layers: probe the head with its top K layers dropped (K = 0: z); None probes h.
     sweep_layers: also evaluate every depth from h to z and draw `acc_vs_layer.png`.
     classifier: 'logistic' (scikit-learn, the PyTorch original's) or 'linear_sgd' (optax, the
       paper's, SimCLR Appendix B.6).
     batch_size: feature-extraction batch; does not change the features.
-    seed: random seed of the label subset and of the SGD probe.
+    seed: random seed of the first label draw and of its SGD probe; draw k uses seed + k.
     output_dir: where to write; default `<workdir>/linear`.
     image_size: side in px of the test view for train and test features; None keeps the
       checkpoint config's `data.eval_image_size` (0 there: the last pretraining crop size). A value
@@ -283,21 +218,38 @@ def run_linear_probe(
       Appendix B.8's 45 L2 strengths (`classifiers.select_logistic_c`: 5 folds, fewer for classes
       under 5 labelled images; with `train_views`, the views of an image stay in its fold and
       only centre views are scored; each layer's C is in the results). A class with a single
-      labelled image leaves no k-fold split: C is then 1.0 (see `plan_c_selection`). 1.0 is
-      scikit-learn's default, the PyTorch original's.
+      labelled image leaves no k-fold split: C is then 1.0 (`protocol.plan_c_selection`). 1.0
+      is scikit-learn's default, the PyTorch original's.
     conv_impl: `runtime.conv_impl` of the feature extraction (`cpu_kernels.make_ops`), whatever
       the run was trained with; speed only.
+    num_draws: N >= 1 label draws.
+    split: one of `SPLITS`, what the probe is scored on.
+    all_labels_cv: also measure `protocol.all_labels_cv` on the probed layer with every label of
+      the images the probe may be trained on (all training images; validation runs: those not
+      held out).
+    tta_flip: average the features of every view with its left-right mirror's.
+    tta_sizes: average the features over whole-image views of these sides in px (each >= 1);
+      empty: the one view of `image_size`.
+    standardize: standardise every feature with the mean and sd over the (unlabelled) training
+      images the probe may be trained on, instead of over the labelled ones; the probe and kNN
+      read the standardised features.
+    c_selection: one of `classifiers.C_RULES`, how cross-validation picks C.
+    cv_repeats: k-fold splits of rule 'repeated_1se', >= 1 (rule 'best' uses one).
 
   Returns:
     The contents of `results.json`: 'settings', 'top1' (and 'top5' with >= 10 classes), 'knn',
     'per_class' (sklearn's classification report), 'confusion_matrix' (rows: true class),
-    'sweep' (one entry per depth when sweeping), plus 'report_markdown' and 'files'.
+    'sweep' (one entry per depth when sweeping), 'draws' and 'summary' (N > 1: each draw's
+    figures and their `protocol.summarize`), 'validation_indices' (validation runs: indices of
+    the held-out images in the train split's order), 'all_labels_cv', plus 'report_markdown'
+    and 'files'.
 
   Raises:
     FileNotFoundError: no checkpoint (or not that step) in `workdir`.
     ValueError: classes of the data differ from the checkpoint's, bad label fraction,
-      `remove_top_layers`, classifier, `image_size` (< 1), `crop_fraction` (outside (0, 1]) or
-      `train_views` (< 0), `probe_c` (<= 0), and the input pipeline's errors.
+      `remove_top_layers`, classifier, `image_size` (< 1), `crop_fraction` (outside (0, 1]),
+      `train_views` (< 0), `probe_c` (<= 0), `num_draws` (< 1), `split`, `tta_sizes`,
+      `c_selection` or `cv_repeats` (< 1), and the input pipeline's errors.
   """
   if classifier not in CLASSIFIERS:
     raise ValueError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
@@ -309,6 +261,16 @@ def run_linear_probe(
     raise ValueError(f"train_views={train_views} must be >= 0 (0: centre views only).")
   if probe_c is not None and not probe_c > 0:
     raise ValueError(f"probe_c={probe_c} must be > 0 (None: chosen by cross-validation).")
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r} is not one of {SPLITS}")
+  if c_selection not in classifiers.C_RULES:
+    raise ValueError(f"c_selection={c_selection!r} is not one of {classifiers.C_RULES}")
+  if cv_repeats < 1:
+    raise ValueError(f"cv_repeats={cv_repeats} must be >= 1.")
+  if any(size < 1 for size in tta_sizes):
+    raise ValueError(f"tta_sizes={tuple(tta_sizes)}: every size must be >= 1 px.")
+  seeds = protocol.draw_seeds(num_draws, seed)
+  repeats = cv_repeats if c_selection == "repeated_1se" else 1
   pretrained = checkpoint.load_pretrained(workdir, step)
   config, class_names = _data_config(pretrained, data_root)
   if image_size is not None:
@@ -328,35 +290,76 @@ def run_linear_probe(
   extract = functools.partial(
     features.extract_features, model, variables, config, batch_size=batch_size, depths=depths
   )
-  train_features, train_labels = extract(config.data.train_split)
-  subset, counts = label_subset(train_labels, label_fraction, num_classes=num_classes, seed=seed)
-  c, c_selection = None, None
-  if classifier == "logistic":
-    c, c_selection = plan_c_selection(
-      counts, class_names, probe_c=probe_c, label_fraction=label_fraction
-    )
-  test_features, test_labels = extract(config.data.eval_split)
-  extra = {d: None for d in depths}
+  extract_averaged = functools.partial(
+    features.extract_averaged_features,
+    model,
+    variables,
+    config,
+    batch_size=batch_size,
+    depths=depths,
+    sizes=tuple(tta_sizes),
+    flip=tta_flip,
+  )
+  train_features, train_labels = extract_averaged(config.data.train_split)
+  pool, held_out = None, None
+  if split == "validation":
+    pool, held_out = protocol.validation_split(train_labels, num_classes=num_classes)
+    scored_features = {d: x[held_out] for d, x in train_features.items()}
+    scored_labels = train_labels[held_out]
+  else:
+    scored_features, scored_labels = extract_averaged(config.data.eval_split)
+  extra_features = None
   if train_views:
-    view_features, view_labels = extract(
+    extra_features, view_labels = extract(
       config.data.train_split, random_views=train_views, seed=seed
     )
-    rows = (subset[:, None] * train_views + np.arange(train_views)).ravel()
-    extra = {d: (view_features[d][rows], view_labels[rows]) for d in depths}
+  if standardize:
+    fit_rows = slice(None) if pool is None else pool
+    for d in depths:
+      scale = classifiers.standardizer(train_features[d][fit_rows])
+      train_features[d], scored_features[d] = scale(train_features[d]), scale(scored_features[d])
+      if train_views:
+        extra_features[d] = scale(extra_features[d])
 
-  evaluations = {}
-  for d in depths:
-    evaluations[d] = evaluate_layer(
-      train_features[d][subset],
-      train_labels[subset],
-      test_features[d],
-      test_labels,
-      num_classes=num_classes,
-      classifier=classifier,
-      seed=seed,
-      extra_train=extra[d],
-      c=c,
+  draws = []
+  for draw_seed in seeds:
+    subset, counts = protocol.label_subset(
+      train_labels, label_fraction, num_classes=num_classes, seed=draw_seed, candidates=pool
     )
+    if not draws:
+      c, c_how = None, None
+      if classifier == "logistic":
+        c, c_how = protocol.plan_c_selection(
+          counts,
+          class_names,
+          probe_c=probe_c,
+          label_fraction=label_fraction,
+          c_rule=c_selection,
+          cv_repeats=repeats,
+        )
+    extra = {d: None for d in depths}
+    if train_views:
+      rows = (subset[:, None] * train_views + np.arange(train_views)).ravel()
+      extra = {d: (extra_features[d][rows], view_labels[rows]) for d in depths}
+    evaluations = {
+      d: evaluate_layer(
+        train_features[d][subset],
+        train_labels[subset],
+        scored_features[d],
+        scored_labels,
+        num_classes=num_classes,
+        classifier=classifier,
+        seed=draw_seed,
+        extra_train=extra[d],
+        c=c,
+        c_rule=c_selection,
+        cv_repeats=repeats,
+        standardize=not standardize,
+      )
+      for d in depths
+    }
+    draws.append((draw_seed, subset, counts, evaluations))
+  _, subset, counts, evaluations = draws[0]
   result, predictions = evaluations[depth]
   results: dict[str, Any] = {
     "settings": {
@@ -366,35 +369,55 @@ def run_linear_probe(
       "data_root": config.data.root if config.data.source == "folder" else config.data.tfds_name,
       "train_split": config.data.train_split,
       "test_split": config.data.eval_split,
+      "split": split,
       "image_size": config.data.image_size,
       "last_crop_size": resolution.last_crop_size(config.data),
       "eval_image_size": resolution.eval_image_size(config.data),
       "eval_crop_fraction": resolution.eval_crop_fraction(config.data),
+      "tta_flip": tta_flip,
+      "tta_sizes": list(tta_sizes),
+      "standardize": standardize,
       "train_views": train_views,
       "probe_train_rows": len(subset) + (len(extra[depth][1]) if train_views else 0),
       "classifier": classifier,
       "probe_c": c,
-      "probe_c_selection": c_selection,
+      "probe_c_selection": c_how,
+      "c_selection": c_selection,
+      "cv_repeats": repeats,
       "layer": features.layer_name(depth, num_layers),
       "head_layers_kept": depth,
       "remove_top_layers": num_layers - depth,
       "feature_dim": int(train_features[depth].shape[1]),
       "label_fraction": label_fraction,
       "seed": seed,
+      "num_draws": num_draws,
+      "draw_seeds": seeds,
       "batch_size": batch_size,
       "knn_temperature": classifiers.KNN_TEMPERATURE,
       "num_train": len(train_labels),
       "num_labelled": len(subset),
       "labelled_per_class": dict(zip(class_names, counts.tolist(), strict=True)),
-      "num_test": len(test_labels),
+      "num_test": len(scored_labels) if split == "test" else 0,
+      "num_scored": len(scored_labels),
       "num_classes": num_classes,
     },
     **result,
-    "per_class": reports.classification_table(test_labels, predictions, class_names),
+    "per_class": reports.classification_table(scored_labels, predictions, class_names),
     "confusion_matrix": metrics.confusion_matrix(
-      test_labels, predictions, labels=np.arange(num_classes)
+      scored_labels, predictions, labels=np.arange(num_classes)
     ).tolist(),
   }
+  if split == "validation":
+    results["settings"]["validation"] = {
+      "fraction": protocol.VALIDATION_FRACTION,
+      "seed": protocol.VALIDATION_SEED,
+      "num_images": len(held_out),
+      "per_class": dict(
+        zip(class_names, np.bincount(scored_labels, minlength=num_classes).tolist(), strict=True)
+      ),
+      "num_candidates": len(pool),
+    }
+    results["validation_indices"] = held_out.tolist()
   if sweep_layers:
     results["sweep"] = [
       {
@@ -406,11 +429,36 @@ def run_linear_probe(
       }
       for d in depths
     ]
+  if num_draws > 1:
+    results["draws"] = [
+      _draw_entry(draw_seed, drawn, layers, depth, num_layers, sweep_layers)
+      for draw_seed, drawn, _, layers in draws
+    ]
+    results["summary"] = protocol.summarize_draws(results["draws"])
+  if all_labels_cv:
+    rows = slice(None) if pool is None else pool
+    results["all_labels_cv"] = {
+      "layer": features.layer_name(depth, num_layers),
+      **protocol.all_labels_cv(
+        train_features[depth][rows], train_labels[rows], standardize=not standardize
+      ),
+    }
   results["report_markdown"] = reports.markdown_table(results["per_class"])
   results["files"] = {}
   if jax.process_index() == 0:
     _write_outputs(results, output_dir or os.path.join(workdir, "linear"), class_names)
   return results
+
+
+def _draw_entry(draw_seed, subset, evaluations, depth, num_layers, sweep_layers) -> dict:
+  """One label draw's figures for results.json's 'draws' (see `protocol.summarize_draws`)."""
+  entry = {"seed": draw_seed, "labelled_indices": subset.tolist(), **evaluations[depth][0]}
+  if sweep_layers:
+    entry["sweep"] = [
+      {"head_layers_kept": d, "layer": features.layer_name(d, num_layers), **evaluations[d][0]}
+      for d in sorted(evaluations)
+    ]
+  return entry
 
 
 def _write_outputs(results: dict[str, Any], output_dir: str, class_names: list[str]) -> None:
@@ -433,6 +481,7 @@ def _write_outputs(results: dict[str, Any], output_dir: str, class_names: list[s
       files["acc_vs_layer"],
       classifier=settings["classifier"],
       chance=1 / settings["num_classes"],
+      scored_on=settings["split"],
     )
   with open(files["results"] + ".tmp", "w") as f:
     json.dump(results, f, indent=2)

@@ -85,7 +85,7 @@ def plot_confusion_matrix(
 
 
 def plot_accuracy_vs_layer(
-  sweep: list[dict[str, Any]], path: str, *, classifier: str, chance: float
+  sweep: list[dict[str, Any]], path: str, *, classifier: str, chance: float, scored_on: str = "test"
 ) -> None:
   """Writes top-1 accuracy against the number of head layers kept (0: h) as a PNG.
 
@@ -96,6 +96,7 @@ def plot_accuracy_vs_layer(
       'knn': {'k<k>': {'k', 'top1'}}, from `evaluate.run_linear_probe`.
     classifier: the probe's name, for the legend.
     chance: accuracy of guessing, 1 / classes, drawn as a dotted line.
+    scored_on: the split the accuracies are measured on ('test' or 'validation'), for the axis.
   """
   kept = [p["head_layers_kept"] for p in sweep]
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -110,7 +111,7 @@ def plot_accuracy_vs_layer(
   ax.axhline(100 * chance, color="grey", ls=":", label="chance")
   ax.set_xticks(kept, [f"{p['head_layers_kept']}\n({p['layer']})" for p in sweep])
   ax.set_xlabel("projection-head layers kept")
-  ax.set_ylabel("test top-1 accuracy (%)")
+  ax.set_ylabel(f"{scored_on} top-1 accuracy (%)")
   ax.set_title("Linear evaluation against head depth")
   ax.grid(alpha=0.3)
   ax.legend()
@@ -119,15 +120,27 @@ def plot_accuracy_vs_layer(
 
 
 def format_summary(results: dict[str, Any]) -> str:
-  """The probe's results as text for a terminal: settings, table, accuracies, sweep, files."""
+  """The probe's results as text for a terminal: settings, table, accuracies, sweep, draws, files.
+
+  Reads the keys `evaluate.run_linear_probe` writes; settings absent from older results.json
+  files ('split', 'tta_flip', ...) read as their defaults.
+  """
   s = results["settings"]
   selection = s.get("probe_c_selection")
   per_class = ", ".join(f"{k} {v}" for k, v in s["labelled_per_class"].items())
+  if s.get("split", "test") == "validation":
+    v = s["validation"]
+    scored = (
+      f"scored on {s['num_scored']} validation images held out of the training split "
+      f"(seed {v['seed']}; labels drawn from the other {v['num_candidates']}; no test image read)"
+    )
+  else:
+    scored = f"{s.get('num_scored', s['num_test'])} test images"
   lines = [
     f"Checkpoint step {s['step']} of {s['workdir']}; data {s['data_root']}",
     f"Probe: {s['classifier']} on {s['layer']} ({s['feature_dim']}-d), "
     f"{s['num_labelled']} of {s['num_train']} training labels ({s['label_fraction']:g}: "
-    f"{per_class}); {s['num_test']} test images",
+    f"{per_class}); {scored}",
     f"Views: centre crop {s['eval_crop_fraction']} of the shorter side at "
     f"{s['eval_image_size']} px (pretraining crops: {s['image_size']} px"
     + (
@@ -140,6 +153,7 @@ def format_summary(results: dict[str, Any]) -> str:
       if s["train_views"]
       else ""
     ),
+    *_levers_lines(s),
     "",
     results["report_markdown"],
     "",
@@ -152,8 +166,53 @@ def format_summary(results: dict[str, Any]) -> str:
       f"  {p['head_layers_kept']} head layers kept ({p['layer']}): top-1 {p['top1']:.2%}"
       f"{_c_text(p, selection)}; {knn}"
     )
+  lines += _draws_lines(results)
+  if "all_labels_cv" in results:
+    d = results["all_labels_cv"]
+    lines.append(
+      f"Diagnostic, all {d['num_labelled']} training labels on {d['layer']}: {d['folds']}-fold CV "
+      f"top-1 {d['top1']:.2%} (best of the C grid, C = {d['c']:.3g}; not a test figure)"
+    )
   lines += [f"Wrote {path}" for path in results["files"].values()]
   return "\n".join(lines)
+
+
+def _levers_lines(settings: dict[str, Any]) -> list[str]:
+  """A line naming the test-time views and standardisation, when either is on."""
+  parts = []
+  if settings.get("tta_sizes") or settings.get("tta_flip"):
+    sizes = settings.get("tta_sizes") or [settings["eval_image_size"]]
+    views = f"averaged over whole-image views of {', '.join(map(str, sizes))} px"
+    parts.append(views + (" and their mirror images" if settings.get("tta_flip") else ""))
+  if settings.get("standardize"):
+    parts.append("standardised with the statistics of every training image the probe may use")
+  return [f"Features: {'; '.join(parts)}"] if parts else []
+
+
+def _draws_lines(results: dict[str, Any]) -> list[str]:
+  """Mean, sd and 95% interval over the label draws, and each draw's top-1, when N > 1."""
+  if "summary" not in results:
+    return []
+  s, summary = results["settings"], results["summary"]
+  seeds = s["draw_seeds"]
+
+  def stats(x):
+    low, high = x["ci95"]
+    return f"{x['mean']:.2%} +- {x['sd']:.2%} (sd), 95% interval [{low:.2%}, {high:.2%}]"
+
+  lines = [
+    f"Over {len(seeds)} label draws (seeds {seeds[0]}-{seeds[-1]}): {s['classifier']} probe "
+    f"top-1 {stats(summary['top1'])}",
+    "  draws: " + ", ".join(f"{d['top1']:.1%}" for d in results["draws"]),
+  ]
+  lines += [
+    f"  kNN (k={results['knn'][name]['k']}): top-1 {stats(x)}" for name, x in summary["knn"].items()
+  ]
+  lines += [
+    f"  {p['head_layers_kept']} head layers kept ({p['layer']}): top-1 {stats(p['top1'])}"
+    for p in summary.get("sweep", [])
+  ]
+  return lines
 
 
 def _c_text(scores: dict[str, Any], selection: str | None = None) -> str:
@@ -167,6 +226,12 @@ def _c_text(scores: dict[str, Any], selection: str | None = None) -> str:
   if chosen["cv_top1"] is None:
     return f" (C = {chosen['c']:.3g}, {selection or 'fixed'})"
   cv = f"{chosen['cv_top1']:.2%}"
+  if chosen.get("cv_se") is not None:
+    return (
+      f" (C = {chosen['c']:.3g}, chosen by {chosen['repeats']} x {chosen['folds']}-fold CV on "
+      f"the labelled images, one-SE rule: CV top-1 {cv}, best {chosen['best_cv_top1']:.2%} "
+      f"+- {chosen['cv_se']:.2%})"
+    )
   return (
     f" (C = {chosen['c']:.3g}, chosen by {chosen['folds']}-fold CV on the labelled images: "
     f"best CV top-1 {cv})"

@@ -6,8 +6,8 @@ oneDNN's (`runtime.conv_impl`: 'xla' or 'onednn', the library PyTorch's CPU conv
 For ResNet-18's 3x3 stages and its 7x7/2 stem at 64 px crops, batch 256 (128 pairs, both views)
 in NHWC float32: forward, and backward (gradients of input and kernel together, as the train
 step needs them), each the best of 5 timed calls after 2 warm-up calls, in ms, for both
-implementations. Run on a quiet machine; compile time is excluded. 'onednn' needs Debian's
-libdnnl-dev and g++ (`simclr_jax/cpu_kernels/onednn.py`).
+implementations. Run on a quiet machine; compile time is excluded. 'onednn' needs the extension
+that `pip install '.[cpu-kernels]'` builds (`simclr_jax/cpu_kernels/onednn.py`).
 """
 
 import os

@@ -94,8 +94,8 @@ def get_config() -> ml_collections.ConfigDict:
   # and is probed under any runtime (simclr_jax/cpu_kernels).
   config.runtime = ml_collections.ConfigDict()
   # "xla": XLA's convolutions (on the CPU through cpu_kernels' faster equivalents); "onednn":
-  # oneDNN's (CPU, float32; needs libdnnl-dev and g++); "auto": oneDNN where it can run, else
-  # XLA; "flax": flax's own nn.Conv and nn.max_pool.
+  # oneDNN's (CPU; installed by pip install '.[cpu-kernels]'); "auto": oneDNN where it can run,
+  # else XLA; "flax": flax's own nn.Conv and nn.max_pool.
   config.runtime.conv_impl = "xla"
   # Images per chunk of the convolutions' backward pass; None: 32 on the CPU, else the batch.
   config.runtime.conv_grad_chunk = ml_collections.FieldReference(None, field_type=int)

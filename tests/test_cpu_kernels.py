@@ -396,7 +396,13 @@ def flax_values():
   return _step_values(None)
 
 
-CASES = [("xla", None, "xla"), ("xla", 4, "xla_chunk4"), ("onednn", None, "onednn")]
+_ONEDNN_PROBLEM = cpu_kernels.onednn_problem()
+_NEEDS_ONEDNN = pytest.mark.skipif(_ONEDNN_PROBLEM is not None, reason=str(_ONEDNN_PROBLEM))
+CASES = [
+  ("xla", None, "xla"),
+  ("xla", 4, "xla_chunk4"),
+  pytest.param("onednn", None, "onednn", marks=_NEEDS_ONEDNN),
+]
 
 
 @pytest.mark.parametrize("conv_impl, chunk, saved", CASES)
@@ -408,7 +414,9 @@ def test_step_unchanged_by_the_move(conv_impl, chunk, saved):
   _assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("conv_impl, chunk", [("xla", None), ("xla", 4), ("onednn", None)])
+@pytest.mark.parametrize(
+  "conv_impl, chunk", [("xla", None), ("xla", 4), pytest.param("onednn", None, marks=_NEEDS_ONEDNN)]
+)
 def test_step_equals_flax_ops(flax_values, conv_impl, chunk):
   """Each implementation computes the step of flax's `nn.Conv` and `nn.max_pool`."""
   actual = _step_values(cpu_kernels.make_ops(_runtime(conv_impl, chunk)))

@@ -2,8 +2,8 @@
 
 `make_ops(runtime)` is the one place that looks at the backend: it returns the ops that
 `models.build_model` injects into the ResNet. Every choice computes the same function as flax's
-ops (up to float32 rounding; tests/test_cpu_kernels.py), so a checkpoint trained under one
-runtime resumes and is probed under any other.
+ops (up to rounding in the compute dtype; tests/test_cpu_kernels.py), so a checkpoint trained
+under one runtime resumes and is probed under any other.
 
     ops = cpu_kernels.make_ops(config.runtime, dtype=config.model.dtype)
     model = models.build_model(config.model, image_size=64, ops=ops)
@@ -25,7 +25,7 @@ CONV_IMPLS = ("flax", "xla", "onednn", "auto")
 """`runtime.conv_impl`: "flax": flax's `nn.Conv` and `nn.max_pool` on every backend (the reference);
 "xla": XLA's convolutions, on the CPU backend through `conv.Conv` (chunked backward, matrix
 products on tiny maps) and `max_pool.max_pool_3x3_s2`; "onednn": as "xla" with oneDNN's
-convolutions (CPU, float32); "auto": "onednn" where it can run, else "xla"."""
+convolutions (CPU; float32 or bfloat16); "auto": "onednn" where it can run, else "xla"."""
 
 CPU_GRAD_CHUNK = 32
 """Images per chunk of the convolutions' backward pass on the CPU when `runtime.conv_grad_chunk`
@@ -62,13 +62,23 @@ def _check(runtime: ml_collections.ConfigDict) -> tuple[str, int | None]:
 
 @functools.cache
 def onednn_problem() -> str | None:
-  """Why oneDNN's convolutions cannot run here (`onednn.register`'s error), or None; asked once
-  per process, so a host without them tries one build and warns once."""
+  """Why oneDNN's convolutions cannot run here (`onednn.register`'s error: the extension or
+  oneDNN's library is not installed), or None; asked once per process, so 'auto' warns once."""
   try:
     onednn.register()
   except RuntimeError as e:
     return str(e)
   return None
+
+
+@functools.cache
+def _warn_fallback(problem: str) -> None:
+  """Once per process, however often `make_ops` is called."""
+  logging.warning(
+    "runtime.conv_impl='auto': XLA's convolutions run instead of oneDNN's (same results, "
+    "a slower step on a CPU): %s",
+    problem,
+  )
 
 
 def _resolve(conv_impl: str, dtype: str, backend: str) -> str:
@@ -77,8 +87,8 @@ def _resolve(conv_impl: str, dtype: str, backend: str) -> str:
     return conv_impl
   if backend != "cpu":
     unsupported = f"runtime.conv_impl='onednn' runs on the CPU backend only; this is {backend!r}"
-  elif dtype != "float32":
-    unsupported = f"runtime.conv_impl='onednn' computes in float32; model.dtype={dtype!r}"
+  elif dtype not in onednn.DTYPES:
+    unsupported = f"runtime.conv_impl='onednn' computes in {onednn.DTYPES}; model.dtype={dtype!r}"
   else:
     unsupported = None
   if conv_impl == "onednn":
@@ -87,13 +97,12 @@ def _resolve(conv_impl: str, dtype: str, backend: str) -> str:
     return conv_impl
   problem = None if unsupported else onednn_problem()
   if problem:
-    logging.warning(
-      "runtime.conv_impl='auto': XLA's convolutions run instead of oneDNN's (same results, "
-      "a slower step on a CPU): %s",
-      problem,
-    )
+    _warn_fallback(problem)
   resolved = "xla" if unsupported or problem else "onednn"
-  logging.info("runtime.conv_impl='auto': %s convolutions (%s backend)", resolved, backend)
+  what = f"{resolved} convolutions"
+  if resolved == "onednn":
+    what += f" ({onednn.register()})"
+  logging.info("runtime.conv_impl='auto': %s, %s backend", what, backend)
   return resolved
 
 
@@ -103,16 +112,17 @@ def make_ops(runtime: ml_collections.ConfigDict, *, dtype: str = "float32") -> O
   Args:
     runtime: fields conv_impl (`CONV_IMPLS`; optional, "xla") and conv_grad_chunk (None: 32 on
       the CPU backend, else 0 (whole batch); or an int >= 0; optional).
-    dtype: the model's compute dtype, "float32" or "bfloat16" (oneDNN runs float32 only).
+    dtype: the model's compute dtype, "float32" or "bfloat16" (oneDNN runs both).
 
   Returns:
     `Ops`. Off the CPU backend, "xla" and "auto" give flax's ops. "auto" gives oneDNN on the
-    CPU backend in float32 when `onednn.register` succeeds; otherwise XLA's convolutions, with a
-    logged warning saying why the library is unavailable. The choice is logged.
+    CPU backend when `onednn.register` succeeds (the extension built by
+    `pip install '.[cpu-kernels]'` is installed); otherwise XLA's convolutions, with a logged
+    warning saying why oneDNN is unavailable. The choice (and oneDNN's version) is logged.
 
   Raises:
     ValueError: naming the field, for an unknown conv_impl, a negative conv_grad_chunk, or
-      "onednn" off the CPU backend or with a dtype other than float32.
+      "onednn" off the CPU backend or with a dtype oneDNN does not run (`onednn.DTYPES`).
   """
   conv_impl, grad_chunk = _check(runtime)
   backend = jax.default_backend()

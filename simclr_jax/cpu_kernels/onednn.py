@@ -1,119 +1,83 @@
 """2-D convolutions on oneDNN, the library under PyTorch's CPU convolutions, via XLA FFI.
 
-`conv2d` calls oneDNN's forward, backward-data and backward-weights primitives
-(`onednn_conv.cc`) as XLA FFI custom calls under a `jax.custom_vjp`; jaxlib's CPU backend has no
-oneDNN path of its own. The library is compiled with g++ on first use into `$SIMCLR_JAX_CACHE`
-(default `~/.cache/simclr_jax`) and needs Debian's `libdnnl-dev` (oneDNN 2.x) and `g++`.
-CPU only, float32 only. Chosen by `runtime.conv_impl = "onednn"`, or "auto" where it can run
-(`cpu_kernels.make_ops`). Speed comparisons: docs/benchmarks.md.
+`conv2d` calls oneDNN's forward, backward-data and backward-weights primitives as XLA FFI custom
+calls under a `jax.custom_vjp`; jaxlib's CPU backend has no oneDNN path of its own. The handlers
+(`cpu_kernels_ext/onednn_conv.cc`) are compiled when the project is installed,
+`pip install '.[cpu-kernels]'`, into the top-level package `simclr_jax_onednn`, against oneDNN
+3.x from PyPI, whose shared library that extra installs; nothing is compiled at run time. CPU
+only; float32 or bfloat16 (`model.dtype`). Chosen by `runtime.conv_impl = "onednn"`, or "auto"
+where it can run (`cpu_kernels.make_ops`). Speed comparisons: docs/benchmarks.md.
 """
 
 import ctypes
 import functools
-import hashlib
+import importlib
+import importlib.metadata
 import os
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
+EXTENSION = "simclr_jax_onednn"
+"""The compiled package: `LIBRARY` (the handlers' shared library) and `ONEDNN_DISTRIBUTION` (the
+PyPI package whose `libdnnl.so.3` it was linked against)."""
+
+DTYPES = ("float32", "bfloat16")
+"""Compute dtypes (`model.dtype`) oneDNN's convolutions run in; bfloat16 accumulates in float32."""
+
+INSTALL = "pip install '.[cpu-kernels]' in a clone of simclr-jax (a C++ compiler at install time)"
 _TARGETS = ("ConvFwd", "ConvBwdData", "ConvBwdWeights")
 
 
-def _cache_dir() -> str:
-  default = os.path.join(os.path.expanduser("~"), ".cache", "simclr_jax")
-  return os.environ.get("SIMCLR_JAX_CACHE", default)
-
-
-def _toolchain() -> bytes:
-  """g++'s version and the installed oneDNN's version macros; a fixed marker when g++ or the
-  headers are missing (the build then fails with the reason)."""
+def _onednn_library(distribution: str) -> str:
+  """The path of `libdnnl.so.3` in the installed PyPI package `distribution`."""
   try:
-    compiler = subprocess.run(["g++", "-dumpfullversion"], check=True, capture_output=True).stdout
-    macros = subprocess.run(
-      ["g++", "-E", "-dM", "-x", "c++", "-"],
-      input=b"#include <oneapi/dnnl/dnnl_version.h>\n",
-      check=True,
-      capture_output=True,
-    ).stdout
-  except (OSError, subprocess.CalledProcessError):
-    return b"toolchain unknown"  # the build then fails and says what is missing
-  versions = sorted(line for line in macros.splitlines() if b"DNNL_VERSION_" in line)
-  return compiler + b"\n".join(versions)
-
-
-def library_path() -> str:
-  """Where the built library is cached, keyed so that a change of its inputs builds it again.
-
-  Returns:
-    `$SIMCLR_JAX_CACHE/onednn_conv_<hash>.so` (default directory `~/.cache/simclr_jax`), the
-    hash covering SOURCE's bytes, jax's version, `g++ -dumpfullversion` and the `DNNL_VERSION_*`
-    macros of the installed oneDNN headers (so g++ and `libdnnl-dev` are needed at every start,
-    not only for the first build). Runs g++ twice; `register` calls it once per process.
-  """
-  with open(SOURCE, "rb") as f:
-    parts = [f.read(), jax.__version__.encode(), _toolchain()]
-  digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-  return os.path.join(_cache_dir(), f"onednn_conv_{digest}.so")
-
-
-def _build(library: str) -> None:
-  """Compiles SOURCE into `library`, atomically: never a half-written file under that name."""
-  os.makedirs(_cache_dir(), exist_ok=True)
-  fd, partial = tempfile.mkstemp(dir=_cache_dir(), suffix=".so.tmp")
-  os.close(fd)
-  command = ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
-  command += ["-o", partial, SOURCE, "-ldnnl"]
-  try:
-    subprocess.run(command, check=True, capture_output=True, text=True)
-    os.replace(partial, library)
-  except FileNotFoundError as e:
-    raise RuntimeError(
-      "model.conv_impl='onednn' needs g++ (apt-get install g++ libdnnl-dev)."
-    ) from e
-  except subprocess.CalledProcessError as e:
-    raise RuntimeError(
-      f"Building {SOURCE} failed (it needs oneDNN 2.x: apt-get install libdnnl-dev):\n{e.stderr}"
-    ) from e
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
+    files = importlib.metadata.files(distribution) or []
+  except importlib.metadata.PackageNotFoundError:
+    files = []
+  for file in files:
+    if file.name == "libdnnl.so.3":
+      return os.path.abspath(file.locate())
+  raise RuntimeError(f"oneDNN's shared library ({distribution}) is not installed: {INSTALL}")
 
 
 @functools.cache
 def register() -> str:
-  """Builds the library (once per source, jax, g++ and oneDNN version), registers its FFI targets.
+  """Loads the compiled handlers and oneDNN's library, registers the FFI targets, once.
 
   Returns:
-    The path of the shared library.
+    A description of what runs: the oneDNN version and the handlers' library path.
 
   Raises:
-    RuntimeError: g++ is missing, the build failed (e.g. oneDNN's headers are not installed:
-      `apt-get install libdnnl-dev g++`; the message holds the compiler's output), the cache
-      directory cannot be written, or the library cannot be loaded or registered. Failures are
-      not cached: the next call tries again (`cpu_kernels.make_ops` asks once per process).
+    RuntimeError: the extension is not installed (installed without the `cpu-kernels` extra's
+      build, or without a C++ compiler), oneDNN's shared library is missing, or either cannot be
+      loaded; the message says how to install. Failures are not cached: the next call tries
+      again (`cpu_kernels.make_ops` asks once per process).
   """
-  library = library_path()
   try:
-    if not os.path.exists(library):
-      _build(library)
-    handlers = ctypes.cdll.LoadLibrary(library)
+    extension = importlib.import_module(EXTENSION)
+  except ImportError as e:
+    raise RuntimeError(f"oneDNN's convolutions are not installed ({e}): {INSTALL}") from e
+  onednn = _onednn_library(extension.ONEDNN_DISTRIBUTION)
+  try:
+    ctypes.CDLL(onednn)  # the handlers' DT_NEEDED libdnnl.so.3 resolves to this copy
+    handlers = ctypes.CDLL(extension.LIBRARY)
     for name in _TARGETS:
       target = jax.ffi.pycapsule(getattr(handlers, name))
       jax.ffi.register_ffi_target(f"onednn_{name}", target, platform="cpu")
-  except (OSError, AttributeError) as e:  # cache not writable, library not loadable
+    version = handlers.SimclrOnednnVersion()
+  except (OSError, AttributeError) as e:
     raise RuntimeError(
-      f"oneDNN's convolutions ({library}) are unavailable: {type(e).__name__}: {e} "
-      "(apt-get install libdnnl-dev g++; the cache directory is $SIMCLR_JAX_CACHE)"
+      f"oneDNN's convolutions ({extension.LIBRARY}) cannot be loaded: {type(e).__name__}: {e} "
+      f"(reinstall: {INSTALL})"
     ) from e
-  return library
+  major, minor, patch = version // 10000, version // 100 % 100, version % 100
+  return f"oneDNN {major}.{minor}.{patch} ({extension.LIBRARY})"
 
 
-def _call(name, shape, a, b, stride, padding):
-  result = jax.ShapeDtypeStruct(shape, jnp.float32)
+def _call(name, shape, dtype, a, b, stride, padding):
+  result = jax.ShapeDtypeStruct(shape, dtype)
   return jax.ffi.ffi_call(f"onednn_{name}", result, vmap_method="sequential")(
     a, b, stride=np.int64(stride), pad=np.int64(padding)
   )
@@ -124,35 +88,36 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: int) -> jn
   """2-D convolution (cross-correlation) on oneDNN; same contract as `cpu_kernels.conv.conv2d`.
 
   Args:
-    x: float32 [N, H, W, C_in].
-    kernel: float32 [kh, kw, C_in, C_out].
+    x: float32 or bfloat16 [N, H, W, C_in].
+    kernel: [kh, kw, C_in, C_out], x's dtype.
     stride: static int >= 1, the same in both spatial dimensions.
     padding: static int >= 0, zeros on each side of both spatial dimensions.
 
   Returns:
-    float32 [N, (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1,
-    C_out]. Gradients (both x and kernel) come from oneDNN's backward-data and backward-weights;
-    they are not differentiable again (no second-order gradients). Under `jax.vmap` the calls run
+    [N, (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1, C_out] in
+    x's dtype (oneDNN accumulates bfloat16 products in float32). Gradients (both x and kernel,
+    in x's dtype) come from oneDNN's backward-data and backward-weights; they are not
+    differentiable again (no second-order gradients). Under `jax.vmap` the calls run
     sequentially over the mapped axis.
 
   Raises:
-    ValueError: x or kernel is not float32.
-    RuntimeError: from `register` (the library cannot be built).
+    ValueError: x and kernel differ in dtype, or it is neither float32 nor bfloat16.
+    RuntimeError: from `register` (the extension is not installed).
   """
   return _forward(x, kernel, stride, padding)
 
 
 def _forward(x, kernel, stride, padding):
-  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+  if x.dtype != kernel.dtype or x.dtype.name not in DTYPES:
     raise ValueError(
-      f"runtime.conv_impl='onednn' computes in float32; got x {x.dtype}, kernel {kernel.dtype} "
-      "(set model.dtype='float32' or runtime.conv_impl='xla')."
+      f"runtime.conv_impl='onednn' computes in {' or '.join(DTYPES)} (x and kernel alike); got "
+      f"x {x.dtype}, kernel {kernel.dtype} (set runtime.conv_impl='xla')."
     )
   register()
   n, h, w, _ = x.shape
   kh, kw, _, c_out = kernel.shape
   shape = (n, (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1, c_out)
-  return _call("ConvFwd", shape, x, kernel, stride, padding)
+  return _call("ConvFwd", shape, x.dtype, x, kernel, stride, padding)
 
 
 def _conv2d_fwd(x, kernel, stride, padding):
@@ -161,8 +126,8 @@ def _conv2d_fwd(x, kernel, stride, padding):
 
 def _conv2d_bwd(stride, padding, residuals, g):
   x, kernel = residuals
-  dx = _call("ConvBwdData", x.shape, g, kernel, stride, padding)
-  dkernel = _call("ConvBwdWeights", kernel.shape, x, g, stride, padding)
+  dx = _call("ConvBwdData", x.shape, x.dtype, g, kernel, stride, padding)
+  dkernel = _call("ConvBwdWeights", kernel.shape, kernel.dtype, x, g, stride, padding)
   return dx, dkernel
 
 

@@ -1,4 +1,4 @@
-"""SimCLR network: ResNet v1 encoder f, projection head g (SimCLR §2.1, §B.1).
+"""SimCLR network: ResNet encoder f (He et al. 2016), projection head g (SimCLR §2.1, §B.1).
 
 h = f(x) is the pooled ResNet output, z = g(h) feeds the contrastive loss; the probe reads h or
 any head layer (§4.2, Fig. 8). Convolution and max-pool are injected: flax's by default, or
@@ -86,7 +86,7 @@ def _shortcut(x, features, strides, conv, norm):
 
 
 class ResNet(nn.Module):
-  """ResNet v1 encoder without the classifier (He et al. 2016; SimCLR §B.1, §B.9).
+  """ResNet encoder, post-activation blocks, no classifier (He et al. 2016; SimCLR §B.1, §B.9).
 
   Stage i (1-based) has `stage_sizes[i-1]` blocks of `base_filters * 2**(i-1)` filters; stages
   2-4 halve the resolution in their first block. The ImageNet stem is a 7x7/2 convolution and a

@@ -31,7 +31,7 @@ def get_config():
   config.optim.base_lr = 1.0  # x 512/256 = 2.0
   config.optim.weight_decay = 1e-4
   config.optim.warmup_epochs = 10
-  for view in (config.augment.view1, config.augment.view2):
+  for view in (config.augment.view1, config.augment.view2, config.augment.local_view):
     view.color_jitter_strength = 0.5
     view.blur_prob = 0.0
   return config

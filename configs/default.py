@@ -66,6 +66,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.normalize = False  # ImageNet mean/std after the colour ops
   config.augment.view1 = view_augment()
   config.augment.view2 = view_augment()
+  # Multi-crop (SwAV §3.2): besides the two global crops, each image gets `num` small local
+  # random-resized crops (aspect ratio from crop_aspect_ratio), every view a positive of the
+  # others (losses.nt_xent_multi).
+  config.augment.local_crops = ml_collections.ConfigDict()
+  config.augment.local_crops.num = 0  # local crops per image; 0: off, the two views alone
+  config.augment.local_crops.size = 32  # px, side of each local crop
+  config.augment.local_crops.crop_area = (0.05, 0.2)  # area range, fraction of the image
+  config.augment.local_view = view_augment()  # the local crops' flip, colour, grayscale, blur
 
   config.model = ml_collections.ConfigDict()
   config.model.depth = 50  # 18, 34, 50, 101, 152

@@ -44,13 +44,13 @@ def get_config():
   config.log_every_steps = 9
   config.plot_every_steps = 90
   config.model.depth = 18
-  config.runtime.conv_impl = "auto"  # oneDNN where it runs (libdnnl-dev, g++), else XLA's convs
+  config.runtime.conv_impl = "auto"  # oneDNN if installed ('.[cpu-kernels]'), else XLA
   config.optim.name = "lars"
   config.optim.lr_scaling = "sqrt"  # small batches: 0.075 x sqrt(B) (SimCLR Appendix B.1)
   config.optim.base_lr = 0.075
   config.optim.weight_decay = 1e-6
   config.optim.warmup_epochs = 10
   config.augment.crop_area = (0.2, 1.0)  # SimCLR's (0.08, 1) upsamples more crops of the cache
-  for view in (config.augment.view1, config.augment.view2):
+  for view in (config.augment.view1, config.augment.view2, config.augment.local_view):
     view.blur_prob = 0.0  # low resolution, as the CIFAR recipe
   return config

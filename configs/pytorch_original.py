@@ -36,7 +36,7 @@ def get_config():
   config.optim.schedule = "constant"
   config.optim.weight_decay = 1e-4
   config.optim.warmup_epochs = 0
-  for view in (config.augment.view1, config.augment.view2):
+  for view in (config.augment.view1, config.augment.view2, config.augment.local_view):
     view.flip_prob = 0.0
     view.blur_prob = 0.0
   return config

@@ -30,4 +30,5 @@ def get_config():
   config.optim.warmup_epochs = 0
   config.augment.view1.blur_prob = 0.0
   config.augment.view2.blur_prob = 0.0
+  config.augment.local_view.blur_prob = 0.0
   return config

@@ -8,6 +8,8 @@ mean/std normalisation. The random-resized crop runs earlier, on the host, in tf
 Every op takes a key first and one float32 ``[H, W, 3]`` image in [0, 1] (dm-pix's convention);
 `augment_batch` splits its key per example and ``vmap``s. Probabilities and strengths are Python
 numbers from the config: an op whose probability or strength is 0 is left out of the computation.
+The two global views take ``augment.view1`` / ``view2`` (`augment_views`); multi-crop's small local
+crops (SwAV §3.2) take ``augment.local_view`` (`augment_local_views`).
 """
 
 from collections.abc import Callable
@@ -270,15 +272,22 @@ def augment_batch(
   Returns:
     float32 ``[B, H, W, 3]``, in [0, 1] unless normalised.
   """
-  if example_ids is None:
-    keys = jax.random.split(rng, images.shape[0])
-  else:
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
-  if loop:
-    out = jax.lax.map(lambda args: augment_image(args[0], args[1], view_config), (keys, images))
-  else:
-    out = jax.vmap(lambda k, x: augment_image(k, x, view_config))(keys, images)
+  out = _augment_images(_example_keys(rng, images.shape[0], example_ids), images, view_config, loop)
   return normalize_images(out) if normalize else out
+
+
+def _example_keys(rng: jax.Array, batch: int, example_ids: jax.Array | None) -> jax.Array:
+  """``[batch]`` keys: ``fold_in(rng, id)`` per example id, or ``split(rng, batch)`` without."""
+  if example_ids is None:
+    return jax.random.split(rng, batch)
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
+
+
+def _augment_images(keys, images, view_config, loop):
+  """`augment_image` of each ``images[i]`` under ``keys[i]``, by `lax.map` or `vmap`."""
+  if loop:
+    return jax.lax.map(lambda args: augment_image(args[0], args[1], view_config), (keys, images))
+  return jax.vmap(lambda k, x: augment_image(k, x, view_config))(keys, images)
 
 
 def augment_views(
@@ -318,3 +327,48 @@ def augment_views(
     )
     for i, (images, settings) in enumerate(views, start=1)
   )
+
+
+def augment_local_views(
+  rng: jax.Array,
+  local_views: jax.Array,
+  augment_config: ml_collections.ConfigDict,
+  *,
+  example_ids: jax.Array | None = None,
+  loop: bool = False,
+) -> jax.Array:
+  """Augments the K local crops of each image with ``augment_config.local_view`` (multi-crop).
+
+  Local crop k (0-based) is keyed as a third, fourth, ... view: its images' keys are those of
+  `augment_batch` under ``fold_in(rng, 3 + k)``, as `augment_views` keys view1 and view2 under
+  ``fold_in(rng, 1)`` and ``fold_in(rng, 2)``. All K*B images run through one loop or `vmap`.
+
+  Args:
+    rng: PRNG key with the step (and, without `example_ids`, the device index) folded in, the
+      one given to `augment_views`.
+    local_views: float32 ``[B, K, h, w, 3]`` in [0, 1], K small crops of each of B images
+      (SwAV §3.2).
+    augment_config: ``config.augment``; reads ``enabled``, ``normalize``, ``local_view``.
+    example_ids: optional int ``[B]`` global-batch indices of the images (see `augment_batch`).
+    loop: sequential loop or `vmap` over the images (see `augment_batch`).
+
+  Returns:
+    float32 ``[B, K, h, w, 3]``, in [0, 1] unless normalised. With ``enabled`` False the input
+    comes back unchanged (only normalised, if ``normalize`` is set).
+  """
+  normalize = bool(augment_config.get("normalize", False))
+  if not augment_config.enabled:
+    return normalize_images(local_views) if normalize else local_views
+  b, k = local_views.shape[:2]
+  # [B, K] keys, then one pass over the B*K images in that (example-major) order.
+  keys = jnp.stack(
+    [_example_keys(jax.random.fold_in(rng, 3 + i), b, example_ids) for i in range(k)], axis=1
+  )
+  out = _augment_images(
+    keys.reshape(b * k, *keys.shape[2:]),
+    local_views.reshape(b * k, *local_views.shape[2:]),
+    augment_config.local_view,
+    loop,
+  )
+  out = out.reshape(local_views.shape)
+  return normalize_images(out) if normalize else out

@@ -98,6 +98,9 @@ def restore_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any
 _LEGACY_RUNTIME = {"model.conv_impl": "conv_impl", "model.conv_grad_chunk": "conv_grad_chunk"}
 _LEGACY_RUNTIME_TOP = {"num_cpu_devices": "num_cpu_devices"}
 _LEGACY_HEAD_PRESETS = {"seed": "pytorch_original"}
+# `augment.local_crops` as configs/default.py sets it (no local crops): what a checkpoint saved
+# before multi-crop trained with.
+_LOCAL_CROPS_OFF = {"num": 0, "size": 32, "crop_area": [0.05, 0.2]}
 
 
 def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +109,9 @@ def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
   Checkpoints written before the `runtime` section kept the speed settings with the model
   (`model.conv_impl`, `model.conv_grad_chunk`) and at the top (`num_cpu_devices`): they move to
   `runtime` (unless it exists). The PyTorch original's head preset, once "seed", is
-  "pytorch_original".
+  "pytorch_original". Checkpoints written before multi-crop lack `augment.local_crops` and
+  `augment.local_view`: they get configs/default.py's `local_crops` (0 local crops, what they
+  trained with) and a copy of their own `augment.view2` as `local_view`, the default's rule.
   """
   config = json.loads(json.dumps(saved))
   model = config.get("model", {})
@@ -120,6 +125,11 @@ def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
   head = model.get("head", {})
   if head.get("preset") in _LEGACY_HEAD_PRESETS:
     head["preset"] = _LEGACY_HEAD_PRESETS[head["preset"]]
+  augment = config.get("augment")
+  if isinstance(augment, dict):
+    augment.setdefault("local_crops", json.loads(json.dumps(_LOCAL_CROPS_OFF)))
+    if "view2" in augment:
+      augment.setdefault("local_view", json.loads(json.dumps(augment["view2"])))
   return config
 
 

@@ -12,6 +12,10 @@ and the loss is its mean over all 2M anchors (Algorithm 1). Normalisations in us
   means, i.e. exactly twice this loss (its gradient is twice ours; the optimum is the same).
 - The PyTorch original this project grew from computes exp(sim_pos / tau) over the sum over k != i
   of exp(sim_ik / tau), and averages -log of that ratio over the 2M rows: this loss, unchanged.
+
+`nt_xent_multi` generalises it to V >= 2 views of each image (multi-crop, Caron et al. 2020,
+SwAV §3.2): every other view of the same image is a positive, as in SupCon's L_out (Khosla et al.
+2020, eq. 2) with the image as the label; with V = 2 it is `nt_xent`.
 """
 
 from typing import Any
@@ -155,25 +159,111 @@ def nt_xent(
   terms, logits, negatives, positive, positive_index, self_index = _terms(
     z1, z2, temperature=temperature, axis_name=axis_name
   )
-  rows = jnp.arange(logits.shape[0])
-  local_loss = jnp.mean(terms)
+  metrics = _pair_metrics(
+    logits, negatives, positive, positive_index, self_index, temperature=temperature
+  )
+  return _global_mean(jnp.mean(terms), metrics, axis_name)
 
+
+def _pair_metrics(logits, negatives, positive, positive_index, self_index, *, temperature):
+  """`nt_xent`'s metrics of this device's anchors, from `_terms`' outputs (no gradient)."""
+  rows = jnp.arange(logits.shape[0])
   sims = jax.lax.stop_gradient(logits) * temperature
   columns = jnp.arange(logits.shape[1])
   is_negative = (columns[None, :] != self_index[:, None]) & (
     columns[None, :] != positive_index[:, None]
   )
   num_negatives = jnp.maximum(logits.shape[1] - 2, 1)
-  metrics = {
+  return {
     "contrastive_accuracy": jnp.mean(positive > jnp.max(negatives, axis=1)),
     "positive_similarity": jnp.mean(sims[rows, positive_index]),
     "negative_similarity": jnp.mean(
       jnp.sum(jnp.where(is_negative, sims, 0.0), axis=1) / num_negatives
     ),
   }
+
+
+def _global_mean(local_loss, metrics, axis_name):
+  """The global loss value with this device's gradient, and the metrics averaged over devices."""
   if axis_name is None:
     return local_loss, metrics
   global_loss = jax.lax.pmean(local_loss, axis_name)
   loss = local_loss + jax.lax.stop_gradient(global_loss - local_loss)
   metrics = jax.lax.pmean(metrics, axis_name)
   return loss, metrics
+
+
+def _positive_and_others(logits, positive_index):
+  """Each row's logit at `positive_index` [A], and the logits with that column masked [A, C]."""
+  positive = jnp.take_along_axis(logits, positive_index[:, None], axis=1)[:, 0]
+  columns = jnp.arange(logits.shape[1])
+  return positive, jnp.where(columns[None, :] == positive_index[:, None], _MASKED, logits)
+
+
+def nt_xent_multi(
+  z_views: jax.Array, *, temperature: float, axis_name: str | None = None
+) -> tuple[jax.Array, dict[str, Any]]:
+  """Multi-positive NT-Xent over V >= 2 views of each image (SupCon eq. 2; SwAV §3.2 multi-crop).
+
+  The global batch holds V*M L2-normalised projections z(v, i): view v of image i. For the
+  anchor (v, i), every other view of image i is a positive and every other projection a
+  candidate of the denominator:
+
+      l(v, i) = -1/(V-1) sum_{u != v} log( exp(s((v,i),(u,i)) / tau)
+                                           / sum_{(w,j) != (v,i)} exp(s((v,i),(w,j)) / tau) )
+
+  (s: cosine similarity), SupCon's L_out (Khosla et al. 2020, eq. 2) with the image as the
+  label; the loss is the mean over all V*M anchors. With V = 2 it is `nt_xent(z_views[0],
+  z_views[1])`, computed by the same operations. Each term is evaluated as
+  softplus(logsumexp over the other candidates of (logit - positive logit)), as `nt_xent` does.
+
+  Multi-device contract: as `nt_xent` (negatives gathered from every device; the value is the
+  global loss on every device; the gradient is this device's share, so `lax.pmean` of the
+  gradients is the gradient of the global loss).
+
+  Args:
+    z_views: float [V, N, D], this device's projections (any float dtype, computed in float32);
+      ``z_views[v, i]`` is view v of this device's image i. Rows are L2-normalised here.
+    temperature: tau > 0.
+    axis_name: device axis to gather the candidates over, or None for a single device.
+
+  Returns:
+    loss: float32 scalar, >= 0; log(V*M - 1) when all projections coincide.
+    metrics: `nt_xent`'s, of the first two views alone (view 1 against view 2, candidates the
+      2M projections of those two views), equal to `nt_xent(z_views[0], z_views[1])`'s.
+
+  Raises:
+    ValueError: z_views is not [V, N, D] with V >= 2.
+  """
+  if z_views.ndim != 3 or z_views.shape[0] < 2:
+    raise ValueError(f"z_views must be [V, N, D] with V >= 2 views; got {z_views.shape}")
+  num_views, n = z_views.shape[:2]
+  z = l2_normalize(z_views)
+  anchors = z.reshape(num_views * n, -1)
+  gathered = z if axis_name is None else jax.lax.all_gather(z, axis_name, axis=1, tiled=True)
+  m = gathered.shape[1]
+  # Global order of the V*M candidates: view-major, each view's M images in device order.
+  candidates = gathered.reshape(num_views * m, -1)
+  logits = jnp.matmul(anchors, candidates.T, precision=_PRECISION) / temperature
+
+  offset, _ = _global_index_offset(axis_name, n)
+  image = jnp.tile(offset + jnp.arange(n, dtype=jnp.int32), num_views)
+  view = jnp.repeat(jnp.arange(num_views, dtype=jnp.int32), n)
+  self_index = view * m + image
+  columns = jnp.arange(num_views * m, dtype=jnp.int32)
+  logits = jnp.where(columns[None, :] == self_index[:, None], _MASKED, logits)
+
+  terms = 0.0
+  for shift in range(1, num_views):
+    positive, others = _positive_and_others(logits, (view + shift) % num_views * m + image)
+    terms = terms + jax.nn.softplus(jax.nn.logsumexp(others - positive[:, None], axis=1))
+  local_loss = jnp.mean(terms / (num_views - 1))
+
+  # View 1 against view 2: the top-left [2N, 2M] block of the logits is `nt_xent_logits`'.
+  pair, pair_self = logits[: 2 * n, : 2 * m], self_index[: 2 * n]
+  pair_positive_index = (1 - view[: 2 * n]) * m + image[: 2 * n]
+  pair_positive, pair_negatives = _positive_and_others(pair, pair_positive_index)
+  metrics = _pair_metrics(
+    pair, pair_negatives, pair_positive, pair_positive_index, pair_self, temperature=temperature
+  )
+  return _global_mean(local_loss, metrics, axis_name)

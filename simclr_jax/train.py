@@ -1,11 +1,12 @@
 """SimCLR pretraining: the pmapped train step and the training loop (paper §2, Algorithm 1).
 
 One `jax.pmap` call site over all local devices (axis name `batch`): both views of the local
-batch go through the encoder as one batch, batch-norm statistics are synced across devices,
-the NT-Xent loss takes its negatives from the global batch, gradients are averaged with
-`lax.pmean`, and the state is donated. The augmentation key of each image is folded from the step
-and its index in the global batch, so the draws depend neither on the device count nor on the
-process count, and a resumed run continues the same random stream.
+batch go through the encoder as one batch (multi-crop's smaller local views, SwAV §3.2, as a
+second one), batch-norm statistics are synced across devices, the NT-Xent loss takes its
+negatives from the global batch, gradients are averaged with `lax.pmean`, and the state is
+donated. The augmentation key of each image is folded from the step and its index in the global
+batch, so the draws depend neither on the device count nor on the process count, and a resumed
+run continues the same random stream.
 
 On several processes (`run_pretrain.py --multihost`) every process runs this same loop on its
 share of each batch: all of them compile the step and wait for each other before the first one
@@ -94,20 +95,56 @@ def augment_step_views(
   Raises:
     ValueError: no ``example_id`` in a run of several processes (when traced).
   """
+  return augment.augment_views(
+    jax.random.fold_in(rng, step),
+    batch["view1"],
+    batch["view2"],
+    config.augment,
+    example_ids=_example_ids(batch),
+    loop=loop,
+  )
+
+
+def augment_step_local_views(
+  config: ml_collections.ConfigDict,
+  rng: jax.Array,
+  step: jax.Array,
+  batch: dict[str, jax.Array],
+  *,
+  loop: bool = False,
+) -> jax.Array:
+  """The augmented local views (multi-crop, SwAV §3.2) of one device's share; inside the pmap.
+
+  Keyed as `augment_step_views` keys the two global views, plus each local view's index
+  (`augment.augment_local_views`), so they too are the same on any device or process count.
+
+  Args:
+    config: full config; reads ``augment``.
+    rng, step, loop: as `augment_step_views`.
+    batch: as `augment_step_views`, plus ``local_views`` float32 ``[per_device, K, s, s, 3]``
+      in [0, 1].
+
+  Returns:
+    float32 ``[per_device, K, s, s, 3]``.
+  """
+  return augment.augment_local_views(
+    jax.random.fold_in(rng, step),
+    batch["local_views"],
+    config.augment,
+    example_ids=_example_ids(batch),
+    loop=loop,
+  )
+
+
+def _example_ids(batch: dict[str, jax.Array]) -> jax.Array:
+  """The batch's ``example_id``, or the one-process layout's global indices without it."""
   ids = batch.get("example_id")
   if ids is None:
     if jax.process_count() > 1:
       raise ValueError("with several processes the batch must carry 'example_id'")
     per_device = batch["view1"].shape[0]
     ids = jax.lax.axis_index(parallel.AXIS_NAME) * per_device + jnp.arange(per_device)
-  return augment.augment_views(
-    jax.random.fold_in(rng, step),
-    batch["view1"],
-    batch["view2"],
-    config.augment,
-    example_ids=ids,
-    loop=loop,
-  )
+  return ids
 
 
 def make_train_step(
@@ -129,11 +166,26 @@ def make_train_step(
   `contrastive_accuracy`, `positive_similarity`, `negative_similarity`, `learning_rate`.
   The leading batch axis must equal the number of devices (pmap raises a ValueError otherwise);
   `data.pipeline` checks earlier that `batch_size` is a multiple of the device count.
+
+  Multi-crop (``augment.local_crops.num`` K > 0; SwAV §3.2): `batch` also holds `local_views`,
+  float32 [devices, per_device, K, s, s, 3] in [0, 1]. The model then runs a second time, on the
+  K * per_device local views (another spatial size), and the loss is `losses.nt_xent_multi` over
+  [view1, view2, local 1..K]; the metrics stay those of view1 against view2. The batch-norm
+  running statistics kept in the state come from the global views alone, as the probe reads
+  whole images like them; the local call normalises by its own batch statistics (train mode,
+  synced over devices) and its running statistics are dropped. With K = 0 the step is the
+  two-view step above, unchanged.
+
+  Raises:
+    ValueError (when traced): K > 0 and `batch` has no `local_views`, or not K of them.
   """
+  num_local = pipeline.num_local_crops(config)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     view1, view2 = augment_step_views(config, rng, state.step, batch, loop=sequential_augment)
     images = jnp.concatenate([view1, view2], axis=0)
+    if num_local:
+      local_images = _local_images(config, rng, state.step, batch, num_local, sequential_augment)
 
     def loss_fn(params):
       (projection, _), updates = state.apply_fn(
@@ -143,8 +195,23 @@ def make_train_step(
         mutable=["batch_stats"],
       )
       z1, z2 = jnp.split(projection, 2, axis=0)
-      loss, metrics = losses.nt_xent(
-        z1, z2, temperature=config.temperature, axis_name=parallel.AXIS_NAME
+      if not num_local:
+        loss, metrics = losses.nt_xent(
+          z1, z2, temperature=config.temperature, axis_name=parallel.AXIS_NAME
+        )
+        return loss, (metrics, updates["batch_stats"])
+      # Train-mode BN on the local views' own statistics; their running statistics are dropped.
+      (local_projection, _), _ = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats},
+        local_images,
+        train=True,
+        mutable=["batch_stats"],
+      )
+      z_local = local_projection.reshape(num_local, z1.shape[0], -1)
+      loss, metrics = losses.nt_xent_multi(
+        jnp.concatenate([z1[None], z2[None], z_local], axis=0),
+        temperature=config.temperature,
+        axis_name=parallel.AXIS_NAME,
       )
       return loss, (metrics, updates["batch_stats"])
 
@@ -161,6 +228,18 @@ def make_train_step(
     donate_argnums=(0,),
     devices=devices,
   )
+
+
+def _local_images(config, rng, step, batch, num_local, loop) -> jax.Array:
+  """The augmented local views as one view-major batch: float32 [K * per_device, s, s, 3]."""
+  if batch.get("local_views") is None or batch["local_views"].shape[1] != num_local:
+    shape = None if batch.get("local_views") is None else batch["local_views"].shape
+    raise ValueError(
+      f"config.augment.local_crops.num={num_local} needs batch['local_views'] of "
+      f"[per_device, {num_local}, s, s, 3] on each device; got {shape}"
+    )
+  local = augment_step_local_views(config, rng, step, batch, loop=loop)
+  return jnp.swapaxes(local, 0, 1).reshape(-1, *local.shape[2:])
 
 
 def _checkpoint_tree(state: TrainState) -> dict[str, Any]:

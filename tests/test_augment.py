@@ -287,3 +287,25 @@ def test_views_follow_their_own_settings():
   view1, view2 = augment.augment_views(jax.random.key(0), images, images, config)
   np.testing.assert_array_equal(view1, images)
   np.testing.assert_allclose(view2[..., 0], view2[..., 2], atol=1e-6)
+
+
+def test_local_views_are_keyed_as_further_views_with_their_own_settings():
+  """Local crop k of example `id` is `augment_image` under fold_in(fold_in(rng, 3 + k), id) with
+  `augment.local_view` (views 1 and 2 take 1 and 2), by loop or vmap alike."""
+  config = default.get_config().augment
+  config.local_view = view_config(color_jitter_prob=1.0, blur_prob=0.0)
+  local = colourful(6).reshape(3, 2, SIZE, SIZE, 3)  # B = 3 images, K = 2 local crops
+  ids, key = jnp.array([5, 0, 9]), jax.random.key(4)
+  out = np.asarray(augment.augment_local_views(key, local, config, example_ids=ids))
+  assert out.shape == local.shape
+  for b, example in enumerate(ids):
+    for k in range(2):
+      keyed = jax.random.fold_in(jax.random.fold_in(key, 3 + k), example)
+      expected = augment.augment_image(keyed, local[b, k], config.local_view)
+      np.testing.assert_allclose(out[b, k], expected, atol=1e-6)
+  looped = augment.augment_local_views(key, local, config, example_ids=ids, loop=True)
+  np.testing.assert_allclose(looped, out, atol=1e-6)
+  config.local_view = all_off()
+  config.local_view.grayscale_prob = 1.0
+  grey = np.asarray(augment.augment_local_views(key, local, config, example_ids=ids))
+  np.testing.assert_allclose(grey[..., 0], grey[..., 2], atol=1e-6)

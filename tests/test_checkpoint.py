@@ -1,5 +1,6 @@
 """Orbax checkpoints: round trip, metadata, incomplete saves never taken as the latest."""
 
+import json
 import os
 
 import jax
@@ -9,8 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny
+from configs import default, tiny
 from simclr_jax import checkpoint, parallel
+from simclr_jax.data import pipeline
 
 
 def toy_state(value: float):
@@ -122,3 +124,29 @@ def test_config_changes_leave_out_the_runtime_old_or_new():
   new = {"model": {"depth": 18}, "runtime": {"conv_impl": "flax", "num_cpu_devices": 2}}
   assert checkpoint.config_changes(new, config) == []
   assert checkpoint.config_changes({"model": {"depth": 50}}, config) == ["model.depth: 50 -> 18"]
+
+
+def test_config_saved_before_multi_crop_loads_with_its_defaults(tmp_path):
+  """A checkpoint's config without augment.local_crops / local_view (saved before multi-crop)
+  loads with no local crops and local_view = its view2, and resumes without a listed change."""
+  config = tiny.get_config()
+  old = json.loads(config.to_json())
+  del old["augment"]["local_crops"], old["augment"]["local_view"]
+  upgraded = checkpoint.upgrade_config(old)
+  assert "local_crops" not in old["augment"]  # the input is not modified
+  assert upgraded["augment"]["local_crops"] == json.loads(
+    default.get_config().augment.local_crops.to_json()
+  )
+  assert upgraded["augment"]["local_view"] == old["augment"]["view2"]
+  assert checkpoint.config_changes(old, config) == []
+  assert pipeline.num_local_crops(ml_collections.ConfigDict(old)) == 0
+
+  manager = checkpoint.create_manager(str(tmp_path))
+  checkpoint.save(
+    manager, 1, toy_state(1.0), config=ml_collections.ConfigDict(old), class_names=["x"]
+  )
+  manager.wait_until_finished()
+  manager.close()
+  loaded = checkpoint.load_pretrained(str(tmp_path)).config
+  assert loaded.augment.local_crops.num == 0 and pipeline.num_local_crops(loaded) == 0
+  assert json.loads(loaded.augment.local_view.to_json()) == old["augment"]["view2"]

@@ -67,6 +67,37 @@ def test_pretrain_views_are_random_crops_and_reproducible(tmp_path, cache):
   assert not np.allclose(v1, other["view1"])
 
 
+def test_local_crops_add_views_and_leave_the_global_ones_unchanged(tmp_path):
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    noise = rng.integers(0, 255, (20 + 3 * i, 30, 3)).astype(np.uint8)
+    image_trees.save(f"{tmp_path}/train/c{i % 2}/{i}.png", Image.fromarray(noise), "PNG")
+  config = image_trees.config_for(tmp_path, batch_size=4)
+
+  def first_batch(num, size=4, seed=1):
+    config.augment.local_crops.num, config.augment.local_crops.size = num, size
+    return jax.device_get(next(pipeline.create_pretrain_iterator(config, seed=seed)))
+
+  two_views, multi = first_batch(0), first_batch(3)
+  assert "local_views" not in two_views
+  assert set(multi) == set(two_views) | {"local_views"}
+  for key, value in two_views.items():
+    np.testing.assert_array_equal(multi[key], value)  # the global crops, as before
+  local = multi["local_views"]
+  assert local.shape == (4, 1, 3, 4, 4, 3) and local.dtype == np.float32
+  assert 0 <= local.min() and local.max() <= 1
+  assert len({x.tobytes() for x in local.reshape(-1, 4, 4, 3)}) == 4 * 3  # each its own crop
+  np.testing.assert_array_equal(first_batch(3)["local_views"], local)
+  assert not np.allclose(first_batch(3, seed=2)["local_views"], local)
+  # Local crop k is drawn from the example's seed and k alone, whatever the number of crops.
+  np.testing.assert_array_equal(first_batch(1)["local_views"][:, :, 0], local[:, :, 0])
+  with pytest.raises(ValueError, match="size=0"):
+    first_batch(2, size=0)
+  config.augment.enabled = False
+  with pytest.raises(ValueError, match="augment.enabled"):
+    first_batch(2)
+
+
 def test_eval_pass_covers_every_example_once(solid_root):
   config = image_trees.config_for(solid_root)
   it = pipeline.create_eval_iterator(config, "test", batch_size=4)

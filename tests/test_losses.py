@@ -269,3 +269,141 @@ def test_single_pair_has_zero_loss_and_finite_gradient():
 def test_rejects_mismatched_shapes():
   with pytest.raises(ValueError, match=r"\[N, D\]"):
     losses.nt_xent(jnp.ones((4, 3)), jnp.ones((5, 3)), temperature=0.1)
+
+
+# ----------------------------------------------------------------------------- multi-positive
+
+
+def multi_positive_reference(z_views, temperature):
+  """SupCon's L_out (Khosla et al. 2020, eq. 2), the image as the label: loops, float64.
+
+  Anchor (v, i): -1/(V-1) sum_{u != v} log(exp(s(vi, ui)/tau) / sum_{(w,j) != (v,i)} exp(s/tau)),
+  averaged over all V*N anchors.
+  """
+  num_views, n, _ = z_views.shape
+  z = np.asarray(z_views, np.float64)
+  z = z / np.linalg.norm(z, axis=-1, keepdims=True)
+  anchors = [(v, i) for v in range(num_views) for i in range(n)]
+
+  def e(a, b):
+    return np.exp(float(z[a] @ z[b]) / temperature)
+
+  total = 0.0
+  for v, i in anchors:
+    denominator = sum(e((v, i), (w, j)) for w, j in anchors if (w, j) != (v, i))
+    positives = [u for u in range(num_views) if u != v]
+    total -= sum(np.log(e((v, i), (u, i)) / denominator) for u in positives) / len(positives)
+  return total / len(anchors)
+
+
+def random_views(seed, num_views, n, d):
+  """float32 [V, N, D]: V noisy views of N random images."""
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(1, n, d))
+  return (images + 0.7 * rng.normal(size=(num_views, n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_views", [2, 3, 4])
+@pytest.mark.parametrize("n,d", [(1, 3), (5, 8)])
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_multi_matches_supcon_equation(num_views, n, d, temperature):
+  z = random_views(num_views * 100 + n, num_views, n, d)
+  loss, metrics = losses.nt_xent_multi(jnp.asarray(z), temperature=temperature)
+  expected = multi_positive_reference(z, temperature)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5, atol=1e-6)
+  # The metrics are view 1 against view 2's, whatever the other views.
+  _, pair_metrics = losses.nt_xent(jnp.asarray(z[0]), jnp.asarray(z[1]), temperature=temperature)
+  for name, value in pair_metrics.items():
+    np.testing.assert_allclose(float(metrics[name]), float(value), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.5])
+def test_multi_with_two_views_is_nt_xent(temperature):
+  z1, z2 = random_pairs(13, 6, 10)
+
+  def multi(a, b):
+    return losses.nt_xent_multi(jnp.stack([a, b]), temperature=temperature)
+
+  def pair(a, b):
+    return losses.nt_xent(a, b, temperature=temperature)
+
+  args = (jnp.asarray(z1), jnp.asarray(z2))
+  (loss, metrics), grads = jax.value_and_grad(multi, argnums=(0, 1), has_aux=True)(*args)
+  (expected, expected_metrics), expected_grads = jax.value_and_grad(
+    pair, argnums=(0, 1), has_aux=True
+  )(*args)
+  # The same operations on the same numbers: equal to the bit.
+  assert float(loss) == float(expected)
+  for name, value in expected_metrics.items():
+    assert float(metrics[name]) == float(value), name
+  for g, expected_g in zip(grads, expected_grads, strict=True):
+    np.testing.assert_allclose(g, expected_g, rtol=1e-6, atol=1e-8)
+
+
+def test_multi_gradients_match_finite_differences():
+  shape, temperature = (3, 2, 4), 0.2
+  z = random_views(17, *shape)
+  grad = jax.grad(lambda x: losses.nt_xent_multi(x, temperature=temperature)[0])(jnp.asarray(z))
+  x, h = z.astype(np.float64).ravel(), 1e-6
+  numeric = np.array(
+    [
+      (
+        multi_positive_reference((x + h * e).reshape(shape), temperature)
+        - multi_positive_reference((x - h * e).reshape(shape), temperature)
+      )
+      / (2 * h)
+      for e in np.eye(x.size)
+    ]
+  )
+  np.testing.assert_allclose(np.asarray(grad).ravel(), numeric, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_views", [2, 4])
+def test_multi_pmap_equals_single_device(sharded_problem, num_views):
+  params, x1, _, per_device = sharded_problem
+  temperature, m = 0.3, len(x1)
+  noise = np.random.default_rng(num_views).normal(size=(num_views, *x1.shape))
+  x = (x1[None] + 0.5 * noise).astype(np.float32)  # [V, M, d_in]
+
+  def loss_fn(p, views, axis_name):
+    z = projection(p, views)
+    return losses.nt_xent_multi(z, temperature=temperature, axis_name=axis_name)
+
+  (single_loss, single_metrics), single_grad = jax.value_and_grad(loss_fn, has_aux=True)(
+    params, x, None
+  )
+  np.testing.assert_allclose(
+    float(single_loss), multi_positive_reference(projection(params, x), temperature), rtol=1e-5
+  )
+
+  @functools.partial(jax.pmap, axis_name="d", in_axes=(None, 1))
+  def step(p, views):
+    (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(p, views, "d")
+    return loss, metrics, jax.lax.pmean(grad, "d")
+
+  loss, metrics, grad = step(params, x.reshape(num_views, NUM_DEVICES, per_device, -1))
+  assert m == NUM_DEVICES * per_device
+  np.testing.assert_allclose(np.asarray(loss), np.full(NUM_DEVICES, single_loss), rtol=1e-5)
+  for name, value in single_metrics.items():
+    np.testing.assert_allclose(np.asarray(metrics[name]), float(value), rtol=1e-5, atol=1e-6)
+  for name in params:
+    for device in range(NUM_DEVICES):
+      np.testing.assert_allclose(grad[name][device], single_grad[name], rtol=1e-4, atol=1e-6)
+
+
+def test_multi_identical_embeddings_use_every_view_of_the_global_batch():
+  """All projections equal: each of the V-1 terms of an anchor is log(V*M - 1), M global."""
+  num_views, per_device = 3, 2
+  z = jnp.ones((NUM_DEVICES, num_views, per_device, 8))
+  loss, _ = jax.pmap(
+    lambda x: losses.nt_xent_multi(x, temperature=0.3, axis_name="d"), axis_name="d"
+  )(z)
+  np.testing.assert_allclose(
+    np.asarray(loss), np.log(num_views * NUM_DEVICES * per_device - 1), rtol=1e-6
+  )
+
+
+def test_multi_rejects_bad_shapes():
+  for shape in [(4, 3), (1, 4, 3)]:
+    with pytest.raises(ValueError, match=r"\[V, N, D\] with V >= 2"):
+      losses.nt_xent_multi(jnp.ones(shape), temperature=0.1)

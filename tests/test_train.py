@@ -1,5 +1,6 @@
 """Training: 1 device == 4 devices, synced BN, resume == uninterrupted, NaN stop, the CLI."""
 
+import functools
 import logging
 import os
 import subprocess
@@ -62,16 +63,24 @@ def data_root(tmp_path_factory):
 # ----------------------------------------------------------------------------- one step
 
 
-def test_one_step_on_one_device_equals_four_devices():
+@functools.cache
+def _one_step(num_local: int):
+  """One SGD step of the tiny model on the same 8 images on 1 and on 4 devices.
+
+  With `num_local` > 0, K local crops of 16 px per image too. Returns the initial state and
+  {device count: (new state, metrics)}, host arrays.
+  """
   config = tiny_config("unused")
   # Augmentation on: each image's key depends on its global index, not on the device count.
   config.optim.name = "sgd"
   config.optim.base_lr = 0.1
   config.optim.schedule = "constant"
+  config.augment.local_crops.num, config.augment.local_crops.size = num_local, 16
   global_batch, size = 8, config.data.image_size
   rng = np.random.default_rng(0)
   view1 = rng.uniform(size=(global_batch, size, size, 3)).astype(np.float32)
   view2 = np.clip(view1 + 0.2 * rng.normal(size=view1.shape), 0, 1).astype(np.float32)
+  local = rng.uniform(size=(global_batch, num_local, 16, 16, 3)).astype(np.float32)
   schedule = optim.warmup_cosine(config.optim, batch_size=8, steps_per_epoch=1, num_epochs=1)
   model = models.build_model(config.model, image_size=size, axis_name=parallel.AXIS_NAME)
   state = train.create_train_state(config, model, jax.random.PRNGKey(0), schedule)
@@ -84,9 +93,16 @@ def test_one_step_on_one_device_equals_four_devices():
       "view1": view1.reshape(n, global_batch // n, size, size, 3),
       "view2": view2.reshape(n, global_batch // n, size, size, 3),
     }
+    if num_local:
+      batch["local_views"] = local.reshape(n, global_batch // n, *local.shape[1:])
     new_state, metrics = step(parallel.replicate(state, devices), batch, jax.random.PRNGKey(1))
     results[n] = (jax.device_get(new_state), jax.device_get(metrics))
+  return jax.device_get(state), results
 
+
+@pytest.mark.parametrize("num_local", [0, 2])
+def test_one_step_on_one_device_equals_four_devices(num_local):
+  state, results = _one_step(num_local)
   (state1, metrics1), (state4, metrics4) = results[1], results[4]
   np.testing.assert_allclose(metrics4["loss"], metrics1["loss"][0], rtol=1e-5)
   # BN statistics: identical on every replica, and equal to the single-device ones.
@@ -110,6 +126,48 @@ def test_one_step_on_one_device_equals_four_devices():
     np.testing.assert_allclose(new4[0] - old, new1[0] - old, rtol=1e-3, atol=1e-6)
     moved += int(np.any(new1[0] != old))
   assert moved > 10  # the step did update the network
+
+
+def test_multi_crop_step_keeps_the_global_views_statistics_and_accuracy():
+  """Local crops change the loss and the update, not the BN running statistics (global views
+  only) nor the metrics (view1 against view2)."""
+  two_views, multi_crop = _one_step(0)[1][4], _one_step(2)[1][4]
+  for a, b in zip(
+    jax.tree_util.tree_leaves(two_views[0].batch_stats),
+    jax.tree_util.tree_leaves(multi_crop[0].batch_stats),
+    strict=True,
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  for name in ("contrastive_accuracy", "positive_similarity", "negative_similarity"):
+    np.testing.assert_allclose(multi_crop[1][name], two_views[1][name], rtol=1e-5, atol=1e-6)
+  assert abs(float(multi_crop[1]["loss"][0]) - float(two_views[1]["loss"][0])) > 1e-3
+  differences = [
+    float(np.max(np.abs(a - b)))
+    for a, b in zip(
+      jax.tree_util.tree_leaves(two_views[0].params),
+      jax.tree_util.tree_leaves(multi_crop[0].params),
+      strict=True,
+    )
+  ]
+  assert max(differences) > 1e-6
+
+
+def test_multi_crop_step_needs_the_local_views():
+  config = tiny_config("unused")
+  config.augment.local_crops.num = 2
+  schedule = optim.warmup_cosine(config.optim, batch_size=8, steps_per_epoch=1, num_epochs=1)
+  size = config.data.image_size
+  model = models.build_model(config.model, image_size=size, axis_name=parallel.AXIS_NAME)
+  state = train.create_train_state(config, model, jax.random.PRNGKey(0), schedule)
+  devices = jax.local_devices()[:1]
+  step = train.make_train_step(config, schedule, devices=devices)
+  views = np.zeros((1, 2, size, size, 3), np.float32)
+  for local in (None, np.zeros((1, 2, 3, 16, 16, 3), np.float32)):
+    batch = {"view1": views, "view2": views}
+    if local is not None:
+      batch["local_views"] = local
+    with pytest.raises(ValueError, match="local_crops.num=2"):
+      step(parallel.replicate(state, devices), batch, jax.random.PRNGKey(1))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -150,6 +208,14 @@ def test_pretrain_writes_outputs(trained):
   assert [int(row.split(",")[1]) for row in history[1:]] == [1, 1, 2, 2]
   assert os.path.getsize(os.path.join(workdir, "training_losses.png")) > 1000
   assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_pretrain_with_local_crops(tmp_path, data_root):
+  """The loop feeds the pipeline's local views to the step; the checkpoint records them."""
+  overrides = {"num_epochs": 1, "augment.local_crops.num": 2, "augment.local_crops.size": 16}
+  summary = train.pretrain(tiny_config(data_root, **overrides), str(tmp_path))
+  assert summary["step"] == 2 and np.isfinite(summary["loss"])
+  assert checkpoint.load_pretrained(str(tmp_path)).config.augment.local_crops.num == 2
 
 
 def test_resume_equals_uninterrupted(trained, tmp_path, data_root):

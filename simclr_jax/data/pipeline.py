@@ -1,5 +1,8 @@
 """tf.data input for SimCLR: two random-resized crops per image to pretrain, a centre crop to eval.
 
+With multi-crop (``augment.local_crops.num`` K > 0; Caron et al. 2020, SwAV §3.2) each pretraining
+image also gets K small local random-resized crops, every one a positive of the other views.
+
 Both pipelines run on the host and yield batches shaped ``[local_devices, per_device, ...]``;
 `InputIterator` prefetches them onto the local devices. Flip, colour and blur run on device
 afterwards (`simclr_jax.augment`). Where the examples come from is `sources`, how they are cropped
@@ -7,9 +10,10 @@ afterwards (`simclr_jax.augment`). Where the examples come from is `sources`, ho
 
 Randomness is stateless: epoch ``e`` is shuffled with a seed derived from ``(seed, e)`` and every
 crop from that and the example's position in the epoch's global stream, so a run resumed at
-``start_epoch``, or run on any number of hosts, sees the same crops. Each pretraining batch carries
-its examples' indices in the global batch (``example_id``), from which the on-device augmentation
-keys its draws. A file that fails to decode mid-pass is dropped, not fatal.
+``start_epoch``, or run on any number of hosts, sees the same crops; turning local crops on leaves
+the two global crops as they were. Each pretraining batch carries its examples' indices in the
+global batch (``example_id``), from which the on-device augmentation keys its draws. A file that
+fails to decode mid-pass is dropped, not fatal.
 """
 
 import math
@@ -30,12 +34,19 @@ def _shard_for_devices(tree: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   return {k: tf.reshape(v, [devices, -1, *v.shape[1:]]) for k, v in tree.items()}
 
 
+def num_local_crops(config: ml_collections.ConfigDict) -> int:
+  """Local crops per image, ``augment.local_crops.num`` (SwAV §3.2); 0 for configs without it."""
+  local = config.augment.get("local_crops")
+  return 0 if local is None else int(local.num)
+
+
 def pretrain_dataset(config: ml_collections.ConfigDict, *, seed: int, start_epoch: int = 0):
   """This host's pretraining batches, endless over epochs, as a tf.data pipeline on the host.
 
   Args:
     config: full config (`configs/default.py`); reads ``data``, ``augment.enabled``,
-      ``augment.crop_area``, ``augment.crop_aspect_ratio`` and ``batch_size`` (global).
+      ``augment.crop_area``, ``augment.crop_aspect_ratio``, ``augment.local_crops`` and
+      ``batch_size`` (global).
     seed: random seed of the shuffles and crops.
     start_epoch: the first epoch; epoch ``e`` is the same whatever epoch the stream started at.
 
@@ -45,11 +56,16 @@ def pretrain_dataset(config: ml_collections.ConfigDict, *, seed: int, start_epoc
     ``'label'`` int32 and ``'example_id'`` int32 ``[local_devices, per_device]``, each example's
     index in the global batch (`parallel.example_ids`). Each epoch is ``n // batch_size``
     batches (the remainder is dropped). With ``augment.enabled`` False both views are the eval
-    crop.
+    crop. With ``augment.local_crops.num`` K > 0 it also yields ``'local_views'`` float32
+    ``[local_devices, per_device, K, s, s, 3]`` in [0, 1], ``s = augment.local_crops.size``:
+    random-resized crops of area ``augment.local_crops.crop_area`` and aspect
+    ``augment.crop_aspect_ratio`` (SwAV §3.2).
 
   Raises:
     ValueError: a batch size that is not a positive multiple of the device count, a split with
-      fewer examples than one batch, and the errors of `sources.create_source`.
+      fewer examples than one batch, local crops that are negative in number, have a size
+      below 1 px, or are asked for with ``augment.enabled`` False, and the errors of
+      `sources.create_source`.
   """
   data = config.data
   local_batch = parallel.local_batch_size(config.batch_size)
@@ -61,9 +77,20 @@ def pretrain_dataset(config: ml_collections.ConfigDict, *, seed: int, start_epoc
       f"(batch_size={config.batch_size})."
     )
   size, augment = data.image_size, config.augment
+  num_local = num_local_crops(config)
+  if num_local:
+    local_size = int(augment.local_crops.size)
+    local_area = tuple(augment.local_crops.crop_area)
+    if num_local < 0 or local_size < 1 or not augment.enabled:
+      raise ValueError(
+        f"config.augment.local_crops (num={num_local}, size={local_size}) needs num >= 0, "
+        f"size >= 1 px and augment.enabled (it is {augment.enabled})."
+      )
   if augment.enabled:
     area, aspect = tuple(augment.crop_area), tuple(augment.crop_aspect_ratio)
-    # The smallest crop still has about `size` pixels across at this shorter side.
+    # The smallest crop still has about `size` pixels across at this shorter side. Local crops
+    # are cut from the same decoded image: the global crops set its size, so that turning local
+    # crops on leaves the global crops unchanged.
     min_side = math.ceil(size / math.sqrt(area[0] * min(aspect[0], 1 / aspect[1])))
   else:
     crop_fraction = resolution.eval_crop_fraction(data)
@@ -90,7 +117,22 @@ def pretrain_dataset(config: ml_collections.ConfigDict, *, seed: int, start_epoc
       )
     else:
       view1 = view2 = crops.center_crop(image, size=size, crop_fraction=crop_fraction)
-    return {"view1": view1, "view2": view2, "label": label}
+    out = {"view1": view1, "view2": view2, "label": label}
+    if num_local:
+      # Seeds 2, 3, ... of the example: folded in apart from the global crops' 2-way split.
+      out["local_views"] = tf.stack(
+        [
+          crops.random_resized_crop(
+            image,
+            tf.random.experimental.stateless_fold_in(example_seed, tf.constant(2 + k, tf.int64)),
+            size=local_size,
+            area_range=local_area,
+            aspect_ratio_range=aspect,
+          )
+          for k in range(num_local)
+        ]
+      )
+    return out
 
   ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch)
   ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

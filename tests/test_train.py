@@ -8,12 +8,13 @@ import sys
 
 import image_trees
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import tiny
-from simclr_jax import checkpoint, models, optim, parallel, train
+from simclr_jax import checkpoint, losses, models, optim, parallel, train
 from simclr_jax.data import resolution
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,6 +151,55 @@ def test_multi_crop_step_keeps_the_global_views_statistics_and_accuracy():
     )
   ]
   assert max(differences) > 1e-6
+
+
+def test_multi_crop_step_is_the_multi_positive_loss_of_both_model_calls():
+  """The step's loss and update equal nt_xent_multi over [view1, view2, local 1..K] computed by
+  hand: the locals in train mode, view-major, local k of image i paired with view1[i]."""
+  config = tiny_config("unused")
+  config.augment.enabled = False  # the views pass through, so the hand computation sees them
+  config.optim.name, config.optim.base_lr, config.optim.weight_decay = "sgd", 0.1, 0.0
+  config.optim.schedule = "constant"
+  num_local, per_device, size = 3, 4, config.data.image_size
+  config.augment.local_crops.num, config.augment.local_crops.size = num_local, 16
+  rng = np.random.default_rng(3)
+  view1 = rng.uniform(size=(per_device, size, size, 3)).astype(np.float32)
+  view2 = np.clip(view1 + 0.2 * rng.normal(size=view1.shape), 0, 1).astype(np.float32)
+  local = rng.uniform(size=(per_device, num_local, 16, 16, 3)).astype(np.float32)
+  schedule = optim.warmup_cosine(config.optim, batch_size=4, steps_per_epoch=1, num_epochs=1)
+  model = models.build_model(config.model, image_size=size, axis_name=parallel.AXIS_NAME)
+  state = train.create_train_state(config, model, jax.random.PRNGKey(0), schedule)
+  devices = jax.local_devices()[:1]
+  step = train.make_train_step(config, schedule, devices=devices)
+  batch = {"view1": view1[None], "view2": view2[None], "local_views": local[None]}
+  new_state, metrics = step(parallel.replicate(state, devices), batch, jax.random.PRNGKey(1))
+
+  def hand_loss(params):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    (z, _), _ = model.apply(
+      variables, np.concatenate([view1, view2]), train=True, mutable=["batch_stats"]
+    )
+    view_major = np.swapaxes(local, 0, 1).reshape(-1, 16, 16, 3)  # [K * B]: local k, image i
+    (z_local, _), _ = model.apply(variables, view_major, train=True, mutable=["batch_stats"])
+    z_views = jnp.concatenate(
+      [z.reshape(2, per_device, -1), z_local.reshape(num_local, per_device, -1)]
+    )
+    return losses.nt_xent_multi(
+      z_views, temperature=config.temperature, axis_name=parallel.AXIS_NAME
+    )[0]
+
+  loss, grads = jax.pmap(
+    jax.value_and_grad(hand_loss), axis_name=parallel.AXIS_NAME, devices=devices
+  )(parallel.replicate(state.params, devices))
+  np.testing.assert_allclose(float(metrics["loss"][0]), float(loss[0]), rtol=1e-5)
+  # First SGD step without weight decay: the update is -lr * gradient.
+  for new, old, grad in zip(
+    jax.tree_util.tree_leaves(jax.device_get(new_state.params)),
+    jax.tree_util.tree_leaves(state.params),
+    jax.tree_util.tree_leaves(jax.device_get(grads)),
+    strict=True,
+  ):
+    np.testing.assert_allclose(new[0] - old, -0.1 * grad[0], rtol=1e-3, atol=1e-6)
 
 
 def test_multi_crop_step_needs_the_local_views():

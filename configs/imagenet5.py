@@ -12,8 +12,7 @@ for low resolution (§B.9); 500 epochs. The probe reads whole images at 128 px: 
 crops magnify objects, so a larger test view matches what the encoder saw (Touvron et al. 2019,
 FixRes); the size was chosen by cross-validation on the labelled images, not on the test split.
 
-Result: linear probe on h over the test split, 20 label draws, one pretraining run: 71.2% +- 2.2%
-top-1 with 10% of the labels (125 images), 73.5% +- 1.5% with 250 (docs/experiments.md, v12).
+Result: the README's results table (linear probe on h, 20 label draws; docs/experiments.md).
 
 The data root defaults to ../shared/data/imagenet-5-categories beside the repository; pass
 `--config.data.root=PATH` for another copy (README, Data).
